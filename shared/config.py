@@ -1,0 +1,152 @@
+"""The one settings object every process reads, from flags or `VLMSERVE_*` environment.
+
+Every process (scheduler, each worker rank, each frontend) is started with the same
+settings, whether by the CLI launcher, a Procfile line or a systemd unit; each derives
+its own view with `msgspec.structs.replace(config, rank=i)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import tempfile
+from typing import Any
+
+import msgspec
+
+ENV_PREFIX = "VLMSERVE_"
+
+# One line of help per setting; the flag is the field name with dashes.
+HELP: dict[str, str] = {
+    "model": "local checkpoint directory (or a Hugging Face hub id when online)",
+    "model_name": "name served in /v1/models and expected in requests (default: the path's last part)",
+    "run_id": "per-launch suffix of every socket address, shared by all processes of one server",
+    "ipc_dir": "directory for ipc:// sockets and the tensor-parallel rendezvous file",
+    "engine_host": "host the scheduler binds (or frontends and workers connect to) over tcp",
+    "engine_port": "first of the scheduler's tcp ports; 0 means ipc:// sockets on this host",
+    "tp": "tensor-parallel size: number of worker processes",
+    "rank": "this worker's tensor-parallel rank",
+    "device": "cpu, cuda, or auto (cuda when available)",
+    "dtype": "float32, bfloat16, float16, or auto (float32 on cpu, the checkpoint's on cuda)",
+    "block_size": "tokens per KV cache block",
+    "max_batch_size": "most sequences running at once",
+    "max_batched_tokens": "token budget of one step; longer prompts are prefilled in chunks",
+    "session_len": "most tokens (prompt + output) per request; 0 means the model's maximum",
+    "cache_max_entry_count": "fraction of free device memory (on cpu: of --cpu-cache-gib) for KV",
+    "cpu_cache_gib": "memory budget on cpu that --cache-max-entry-count is a fraction of",
+    "num_kv_blocks": "exact number of KV blocks, overriding the memory-based size (0: off)",
+    "worker_timeout": "seconds without a heartbeat after which a worker counts as dead",
+    "seed": "seed for requests that bring none",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "server_name": "address the HTTP server binds",
+    "server_port": "port the HTTP server binds",
+    "frontend_workers": "number of Gunicorn worker processes (frontends)",
+    "api_keys": "comma-separated API keys; empty means no authentication",
+}
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings of one server; see HELP for what each field means."""
+
+    model: str = ""
+    model_name: str = ""
+    run_id: str = ""
+    ipc_dir: str = tempfile.gettempdir()
+    engine_host: str = "127.0.0.1"
+    engine_port: int = 0
+    tp: int = 1
+    rank: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_batch_size: int = 128
+    max_batched_tokens: int = 2048
+    session_len: int = 0
+    cache_max_entry_count: float = 0.8
+    cpu_cache_gib: float = 4.0
+    num_kv_blocks: int = 0
+    worker_timeout: float = 3.0
+    seed: int = 0
+    log_level: str = "INFO"
+    server_name: str = "0.0.0.0"
+    server_port: int = 23333
+    frontend_workers: int = 1
+    api_keys: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.tp >= 1, "--tp must be at least 1"),
+            (0 <= self.rank < self.tp, f"--rank must be in [0, {self.tp})"),
+            (self.block_size >= 1, "--block-size must be at least 1"),
+            (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+            (self.max_batched_tokens >= 1, "--max-batched-tokens must be at least 1"),
+            (0 < self.cache_max_entry_count <= 1, "--cache-max-entry-count must be in (0, 1]"),
+            (self.session_len >= 0, "--session-len must be positive (or 0 for the model's)"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (
+                self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                "--dtype must be auto, float32, bfloat16 or float16",
+            ),
+            (self.frontend_workers >= 1, "--frontend-workers must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
+
+    def address(self, name: str) -> str:
+        """The ZeroMQ address of one of the engine's sockets (see ADDRESS_SLOTS)."""
+        if not self.run_id:
+            raise ValueError("set --run-id (or VLMSERVE_RUN_ID) so the processes find each other")
+        if self.engine_port:
+            return f"tcp://{self.engine_host}:{self.engine_port + ADDRESS_SLOTS[name]}"
+        return f"ipc://{os.path.join(self.ipc_dir, f'vlmserve-{self.run_id}-{name}')}"
+
+    def plan_address(self, rank: int) -> str:
+        return self.address(f"plans{rank}")
+
+
+# Offsets from --engine-port for tcp; plan sockets follow, one per rank.
+ADDRESS_SLOTS: dict[str, int] = {"requests": 0, "tokens": 1, "results": 2} | {
+    f"plans{rank}": 3 + rank for rank in range(64)
+}
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per Config field, its default taken from `VLMSERVE_<FIELD>` if set."""
+    defaults = Config()
+    for field in msgspec.structs.fields(Config):
+        if field.name in skip:
+            continue
+        env = os.environ.get(ENV_PREFIX + field.name.upper())
+        default = getattr(defaults, field.name) if env is None else env
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            default=default,
+            help=f"{HELP[field.name]} (env {ENV_PREFIX}{field.name.upper()})",
+        )
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
+    """Build and validate the Config from parsed flags (strings are converted by type)."""
+    names = [field.name for field in msgspec.structs.fields(Config)]
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values.update(overrides)
+    return msgspec.convert(values, Config, strict=False)
+
+
+def config_to_env(config: Config) -> dict[str, str]:
+    """The environment that makes a child process read the same Config."""
+    return {
+        ENV_PREFIX + field.name.upper(): str(getattr(config, field.name))
+        for field in msgspec.structs.fields(Config)
+    }

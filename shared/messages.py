@@ -1,0 +1,185 @@
+"""Every message that crosses a ZeroMQ socket, one tagged union per socket.
+
+Wire map (see ../DESIGN.md):
+  frontend  --PUSH FrontendMsg-->  scheduler   (requests address)
+  scheduler --PUB  EngineMsg-->    frontends   (tokens address, topic = frontend id)
+  scheduler --PUSH StepPlan-->     worker rank (plans address, one per rank)
+  worker    --PUSH WorkerMsg-->    scheduler   (results address)
+
+Hot messages are array-like structs without GC tracking: they are encoded every step.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+HOT = {"array_like": True, "omit_defaults": True, "gc": False}
+
+# Finish reasons, as OpenAI names them (plus the engine's own "abort" and "error").
+STOP, LENGTH, ABORT, ERROR = "stop", "length", "abort", "error"
+
+
+class SamplingParams(msgspec.Struct, frozen=True, **HOT):
+    """How to pick tokens for one request; validated by the frontend."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None  # None = none; N = the chosen token's and the top N
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+    logit_bias: dict[int, float] = {}
+
+
+# ---- frontend -> scheduler ------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=True, **HOT):
+    """Sent by a frontend until it sees HelloAck on its topic (the slow-joiner guard)."""
+
+    frontend_id: str
+
+
+class Submit(msgspec.Struct, tag=True, **HOT):
+    request_id: str
+    frontend_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+
+
+class Abort(msgspec.Struct, tag=True, **HOT):
+    request_id: str
+
+
+FrontendMsg = Hello | Submit | Abort
+
+
+# ---- scheduler -> frontends -----------------------------------------------------------------
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, **HOT):
+    """Log-probability of a sampled token and of the top N candidates at that position."""
+
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class RequestOutput(msgspec.Struct, **HOT):
+    """What one request got in one step. `finish_reason` is set on its last output."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    num_cached_tokens: int = 0
+
+
+class TokenBatch(msgspec.Struct, tag=True, **HOT):
+    """Everything one frontend's requests got in one step; `seq` counts per topic."""
+
+    seq: int
+    outputs: list[RequestOutput]
+
+
+class HelloAck(msgspec.Struct, tag=True, **HOT):
+    seq: int
+
+
+class EngineStatus(msgspec.Struct, tag=True, **HOT):
+    """Published to every frontend on a fixed topic, twice a second."""
+
+    workers_alive: bool
+    num_running: int = 0
+    num_waiting: int = 0
+    free_blocks: int = 0
+
+
+EngineMsg = TokenBatch | HelloAck | EngineStatus
+STATUS_TOPIC = b"~status"
+
+
+# ---- scheduler -> workers -------------------------------------------------------------------
+
+
+class NewSeq(msgspec.Struct, **HOT):
+    """A sequence the workers have not seen (a new request, or one resumed after preemption).
+
+    `token_ids` are all its tokens so far; `prompt_len` of them are the prompt.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    prompt_len: int
+    sampling: SamplingParams
+    seed: int
+
+
+class SeqStep(msgspec.Struct, **HOT):
+    """One sequence's share of a step: compute `num_tokens` tokens from `start`.
+
+    `new_token_ids` are tokens appended since the workers last heard of it (the token
+    sampled in the previous step); `new_block_ids` extend its block table.
+    """
+
+    seq_id: int
+    start: int
+    num_tokens: int
+    new_block_ids: list[int] = []
+    new_token_ids: list[int] = []
+    sample: bool = True
+
+
+class StepPlan(msgspec.Struct, tag=True, **HOT):
+    step_id: int
+    new_seqs: list[NewSeq] = []
+    seqs: list[SeqStep] = []
+    freed_seq_ids: list[int] = []
+
+
+class Shutdown(msgspec.Struct, tag=True, **HOT):
+    reason: str
+
+
+SchedulerMsg = StepPlan | Shutdown
+
+
+# ---- workers -> scheduler -------------------------------------------------------------------
+
+
+class WorkerReady(msgspec.Struct, tag=True, **HOT):
+    rank: int
+    num_blocks: int
+    device: str
+
+
+class Heartbeat(msgspec.Struct, tag=True, **HOT):
+    rank: int
+
+
+class StepResult(msgspec.Struct, tag=True, **HOT):
+    """Rank 0's answer to a StepPlan: one sampled token per sequence that sampled."""
+
+    step_id: int
+    seq_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] | None = None  # aligned with seq_ids when any asked
+    forward_s: float = 0.0
+
+
+class WorkerFailed(msgspec.Struct, tag=True, **HOT):
+    """A worker hit an error it cannot recover from; the scheduler fails everything."""
+
+    rank: int
+    error: str
+
+
+WorkerMsg = WorkerReady | Heartbeat | StepResult | WorkerFailed
