@@ -40,8 +40,13 @@ def read_model_info(model_dir: str) -> ModelInfo:
     eos = _as_list(generation.get("eos_token_id")) or _as_list(
         text.get("eos_token_id", config.get("eos_token_id"))
     )
+    max_len = int(text.get("max_position_embeddings", 4096))
+    window = text.get("sliding_window")
+    if window and text.get("use_sliding_window", True):
+        # Attention here is over the whole context: cap requests at the window instead.
+        max_len = min(max_len, int(window))
     return ModelInfo(
         architecture=(config.get("architectures") or ["unknown"])[0],
         eos_token_ids=eos,
-        max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
+        max_position_embeddings=max_len,
     )

@@ -1,0 +1,43 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.layers.linear import copy_into, read_rows
+from workers.parallel import all_gather, all_reduce, tp_rank, tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        # The last rank's slice may be shorter; pad every slice to the same length.
+        self.shard_size = -(-vocab_size // tp_size())
+        self.vocab_start = tp_rank() * self.shard_size
+        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        size = min(self.shard_size, self.vocab_size - self.vocab_start)
+        copy_into(param[:size], read_rows(loaded, self.vocab_start, size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.shard_size)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over this rank's vocabulary slice, gathered into the whole vocabulary."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = all_gather(F.linear(hidden, self.weight), dim=-1)  # [tokens, padded vocab]
+        return logits[:, : self.vocab_size]

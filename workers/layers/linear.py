@@ -1,0 +1,136 @@
+"""Linear layers for tensor parallelism: replicated, column-parallel, row-parallel.
+
+Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this
+rank's slice of a checkpoint tensor. `loaded` is a torch tensor or a safetensors slice
+(both index the same way), so a rank reads only the rows or columns it keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.parallel import all_reduce, divide, tp_rank, tp_size
+
+
+def shape_of(loaded: Any) -> list[int]:
+    return list(loaded.shape) if isinstance(loaded, torch.Tensor) else loaded.get_shape()
+
+
+def read_rows(loaded: Any, start: int, size: int) -> torch.Tensor:
+    return loaded[start : start + size]
+
+
+def read_cols(loaded: Any, start: int, size: int) -> torch.Tensor:
+    return loaded[:, start : start + size]
+
+
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    if param.shape != value.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} for {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def load_whole(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    copy_into(param, loaded[:])
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        load_whole(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; each rank returns its slice of the output."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, divide(out_features, tp_size()), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        size = param.shape[0]
+        copy_into(param, read_rows(loaded, tp_rank() * size, size))
+
+
+class MergedColumnParallelLinear(LinearBase):
+    """Several column-parallel projections of one input in one matmul (gate and up)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        self.shard_sizes = [divide(size, tp_size()) for size in output_sizes]
+        super().__init__(in_features, sum(self.shard_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        size = self.shard_sizes[shard_id]
+        offset = sum(self.shard_sizes[:shard_id])
+        copy_into(param[offset : offset + size], read_rows(loaded, tp_rank() * size, size))
+
+
+class QKVParallelLinear(LinearBase):
+    """Query, key and value projections in one matmul, heads split across ranks.
+
+    When there are fewer KV heads than ranks, each KV head is replicated on
+    tp_size / num_kv_heads ranks.
+    """
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ) -> None:
+        tp = tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp)
+        if num_kv_heads >= tp:
+            self.num_kv_heads = divide(num_kv_heads, tp)
+            self.kv_head_start = tp_rank() * self.num_kv_heads
+        else:
+            divide(tp, num_kv_heads)
+            self.num_kv_heads = 1
+            self.kv_head_start = tp_rank() * num_kv_heads // tp
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if shard_id == "q":
+            offset, size, start = 0, self.q_size, tp_rank() * self.q_size
+        else:
+            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+            size, start = self.kv_size, self.kv_head_start * self.head_dim
+        copy_into(param[offset : offset + size], read_rows(loaded, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; the partial outputs are summed by all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(divide(in_features, tp_size()), out_features, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank, added once after the sum
+            load_whole(param, loaded)
+            return
+        size = param.shape[1]
+        copy_into(param, read_cols(loaded, tp_rank() * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

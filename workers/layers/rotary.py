@@ -1,0 +1,57 @@
+"""Rotary position embeddings, with the `rope_scaling` types of Hugging Face configs.
+
+The inverse frequencies come from transformers' own RoPE initialisers (linear, llama3,
+yarn, longrope, ...), so every scaling type a config names is computed as transformers does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def rope_parameters(hf_config: Any) -> dict:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if "rope_theta" not in params:
+        params = {**params, "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+    return params
+
+
+def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """[head_dim // 2] inverse frequencies and the attention scaling of the config's type."""
+    params = rope_parameters(hf_config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+        return 1.0 / (params["rope_theta"] ** exponent), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope_type {rope_type!r}")
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to queries and keys at given positions, from a precomputed table."""
+
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [tokens, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -1,0 +1,81 @@
+"""Builds a model from a Hugging Face checkpoint directory and streams in its weights.
+
+Tensors are read one at a time with `safe_open`; each parameter's `weight_loader` reads
+only this rank's slice. Progress is logged per file.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+
+from workers.layers.linear import load_whole
+from workers.models.registry import model_class
+
+log = logging.getLogger("vlmserve.loader")
+
+# Checkpoint tensors with no parameter here (rotary tables some checkpoints still save).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_hf_config(model_dir: str) -> transformers.PretrainedConfig:
+    return transformers.AutoConfig.from_pretrained(model_dir)
+
+
+def _target(model: nn.Module, name: str) -> tuple[str, object]:
+    """The parameter name a checkpoint tensor loads into, and its shard id (or None)."""
+    for ckpt_part, (param_part, shard_id) in getattr(model, "packed_modules", {}).items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
+    return name, None
+
+
+def load_weights(model: nn.Module, model_dir: str) -> None:
+    """Copy every checkpoint tensor into its parameter; fail on missing or unknown ones."""
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir!r}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    started = time.monotonic()
+    for index, path in enumerate(files, 1):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                target, shard_id = _target(model, name)
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} matches no parameter")
+                param = params[target]
+                loader = getattr(param, "weight_loader", load_whole)
+                loader(param, f.get_slice(name), shard_id)
+                loaded.add(target)
+        log.info(
+            "loaded weights file %d/%d (%s) in %.1fs",
+            index, len(files), os.path.basename(path), time.monotonic() - started,
+        )  # fmt: skip
+    tied = {n for n, p in params.items() if any(p is params[m] for m in loaded)}
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        raise KeyError(f"checkpoint has no weights for {missing[:5]}")
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
+    config = load_hf_config(model_dir)
+    cls = model_class((config.architectures or ["?"])[0])
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    load_weights(model, model_dir)
+    return model.eval()
