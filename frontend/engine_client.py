@@ -1,0 +1,156 @@
+"""A frontend's connection to the scheduler: submit, abort, and receive token batches.
+
+Every frontend process has its own id (its PUB topic). Before it submits anything it
+subscribes and completes a hello round trip, so no token batch is published before the
+subscription is live (ZeroMQ's slow-joiner problem). Each batch carries a per-topic
+sequence number; a gap means lost tokens and fails every request in flight loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from shared.config import Config
+from shared.messages import (
+    ERROR,
+    STATUS_TOPIC,
+    Abort,
+    EngineMsg,
+    EngineStatus,
+    FrontendMsg,
+    Hello,
+    HelloAck,
+    RequestOutput,
+    SamplingParams,
+    Submit,
+    TokenBatch,
+)
+from shared.sockets import Codec, make_socket
+
+log = logging.getLogger("vlmserve.engine_client")
+
+HELLO_EVERY_S = 0.2
+STATUS_STALE_S = 2.0  # the scheduler publishes status every 0.5 s
+
+
+class EngineUnavailable(Exception):
+    """The scheduler cannot be reached, or its workers are down."""
+
+
+def new_frontend_id() -> str:
+    return f"fe-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class EngineClient:
+    def __init__(self, config: Config, frontend_id: str | None = None) -> None:
+        self.config = config
+        self.frontend_id = frontend_id or new_frontend_id()
+        self.ctx = zmq.asyncio.Context()
+        self.push = make_socket(self.ctx, zmq.PUSH, config.address("requests"), bind=False)
+        self.sub = make_socket(self.ctx, zmq.SUB, config.address("tokens"), bind=False)
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.frontend_id.encode())
+        self.sub.setsockopt(zmq.SUBSCRIBE, STATUS_TOPIC)
+        self.codec = Codec(FrontendMsg)
+        self.engine_codec = Codec(EngineMsg)
+        self.queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self.expected_seq: int | None = None  # None until the hello round trip completes
+        self.status: EngineStatus | None = None
+        self.status_at = 0.0
+        self.connected = asyncio.Event()
+        self.receiver: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        """True while the scheduler publishes status and reports its workers alive."""
+        fresh = time.monotonic() - self.status_at < STATUS_STALE_S
+        return fresh and self.status is not None and self.status.workers_alive
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Subscribe and complete the hello round trip; raise EngineUnavailable on timeout."""
+        self.receiver = asyncio.create_task(self._receive_loop())
+        deadline = time.monotonic() + timeout
+        while not self.connected.is_set():
+            if time.monotonic() > deadline:
+                raise EngineUnavailable(f"no answer from the scheduler at {self.config.address('requests')}")
+            await self._send(Hello(self.frontend_id))
+            try:
+                await asyncio.wait_for(self.connected.wait(), HELLO_EVERY_S)
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.cancel()
+        self.push.close()
+        self.sub.close()
+        self.ctx.term()
+
+    async def _send(self, msg: FrontendMsg) -> None:
+        await self.push.send(self.codec.encode(msg))
+
+    async def _receive_loop(self) -> None:
+        while True:
+            topic, data = await self.sub.recv_multipart()
+            msg = self.engine_codec.decode(data)
+            match msg:
+                case EngineStatus():
+                    self.status, self.status_at = msg, time.monotonic()
+                case HelloAck(seq=seq):
+                    self.expected_seq = seq + 1
+                    self.connected.set()
+                case TokenBatch():
+                    self._deliver(msg)
+
+    def _deliver(self, batch: TokenBatch) -> None:
+        if batch.seq != self.expected_seq:
+            error = f"lost token batches: expected #{self.expected_seq}, got #{batch.seq}"
+            log.error("%s; failing %d requests", error, len(self.queues))
+            self.expected_seq = batch.seq + 1
+            for request_id, queue in self.queues.items():
+                queue.put_nowait(RequestOutput(request_id, [], finish_reason=ERROR, error=error))
+            return
+        self.expected_seq = batch.seq + 1
+        for output in batch.outputs:
+            queue = self.queues.get(output.request_id)
+            if queue is not None:  # absent: the request was already given up
+                queue.put_nowait(output)
+
+    async def generate(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit one request and yield its outputs until one carries a finish reason.
+
+        Leaving the iteration early (a client that disconnects, a stop string) aborts it.
+        """
+        if not self.alive:
+            raise EngineUnavailable("the engine is not running")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.queues[request_id] = queue
+        finished = False
+        try:
+            await self._send(Submit(request_id, self.frontend_id, token_ids, sampling))
+            while not finished:
+                output = await self._next(queue)
+                finished = output.finish_reason is not None
+                yield output
+        finally:
+            self.queues.pop(request_id, None)
+            if not finished:
+                await self._send(Abort(request_id))
+
+    async def _next(self, queue: asyncio.Queue[RequestOutput]) -> RequestOutput:
+        """The next output; fail instead of waiting forever when the engine goes away."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), STATUS_STALE_S)
+            except TimeoutError:
+                if not self.alive:
+                    raise EngineUnavailable("the engine stopped while the request ran") from None

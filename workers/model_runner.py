@@ -1,0 +1,161 @@
+"""Runs one StepPlan: keeps the workers' view of each sequence, builds the batch, samples.
+
+Every rank keeps the same sequence states (the plan tells all ranks the same thing); only
+rank 0's sampled tokens are sent back to the scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResult
+from workers.forward_context import ForwardContext, PrefillSpan, step_context
+from workers.sampler import SamplingInput, sample
+
+
+@dataclass
+class SeqState:
+    token_ids: list[int]
+    prompt_len: int
+    sampling: SamplingParams
+    seed: int
+    block_table: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The flattened inputs of one step."""
+
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    context: ForwardContext
+    sample_rows: torch.Tensor  # [sampling seqs] index of each sampling seq's last token
+    sample_seq_ids: list[int]
+
+
+class ModelRunner:
+    def __init__(
+        self, model: nn.Module, block_size: int, eos_token_ids: list[int], device: torch.device
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.seqs: dict[int, SeqState] = {}
+
+    def update_states(self, plan: StepPlan) -> None:
+        for seq_id in plan.freed_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in plan.new_seqs:
+            self.seqs[new.seq_id] = self._new_state(new)
+        for step in plan.seqs:
+            state = self.seqs[step.seq_id]
+            state.token_ids.extend(step.new_token_ids)
+            state.block_table.extend(step.new_block_ids)
+
+    @staticmethod
+    def _new_state(new: NewSeq) -> SeqState:
+        return SeqState(list(new.token_ids), new.prompt_len, new.sampling, new.seed)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions [start, end) of a sequence."""
+        positions = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def build_batch(self, steps: list[SeqStep]) -> Batch:
+        """Flatten the step's sequences; decodes (one new token after a context) go batched."""
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        prefills: list[PrefillSpan] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        sample_seq_ids: list[int] = []
+        for step in steps:
+            state = self.seqs[step.seq_id]
+            start, end = step.start, step.start + step.num_tokens
+            row = len(input_ids)
+            input_ids.extend(state.token_ids[start:end])
+            positions.append(torch.arange(start, end))
+            ctx_slots = self._slots(state.block_table, 0, end)
+            slot_mapping.append(ctx_slots[start:])
+            if step.num_tokens == 1 and start > 0:
+                decode_rows.append(row)
+                decode_ctx.append(ctx_slots)
+            else:
+                cached = ctx_slots if start > 0 else None
+                prefills.append(PrefillSpan(row, step.num_tokens, end, cached))
+            if step.sample:
+                sample_rows.append(row + step.num_tokens - 1)
+                sample_seq_ids.append(step.seq_id)
+        context = ForwardContext(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            prefills=[self._to_device(p) for p in prefills],
+            **self._decode_metadata(decode_rows, decode_ctx),
+        )
+        return Batch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            positions=torch.cat(positions).to(self.device),
+            context=context,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            sample_seq_ids=sample_seq_ids,
+        )
+
+    def _to_device(self, span: PrefillSpan) -> PrefillSpan:
+        if span.ctx_slots is None:
+            return span
+        slots = span.ctx_slots.to(self.device)
+        return PrefillSpan(span.q_start, span.q_len, span.ctx_len, slots)
+
+    def _decode_metadata(self, rows: list[int], contexts: list[torch.Tensor]) -> dict:
+        if not rows:
+            return dict(decode_token_idx=None, decode_slots=None, decode_mask=None)
+        lengths = torch.tensor([len(c) for c in contexts])
+        # Pad with slot 0: masked out, and always a valid index.
+        slots = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)
+        mask = torch.arange(slots.shape[1])[None, :] < lengths[:, None]
+        return dict(
+            decode_token_idx=torch.tensor(rows, dtype=torch.long, device=self.device),
+            decode_slots=slots.to(self.device),
+            decode_mask=mask[:, None, None, :].to(self.device),
+        )
+
+    def _sampling_input(self, seq_ids: list[int]) -> SamplingInput:
+        states = [self.seqs[seq_id] for seq_id in seq_ids]
+        return SamplingInput.build(
+            params=[s.sampling for s in states],
+            seeds=[s.seed for s in states],
+            output_counts=[len(s.token_ids) - s.prompt_len for s in states],
+            prompt_ids=[s.token_ids[: s.prompt_len] for s in states],
+            output_ids=[s.token_ids[s.prompt_len :] for s in states],
+            eos_token_ids=self.eos_token_ids,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run the plan's forward pass and sample every sequence whose step asks for it."""
+        started = time.perf_counter()
+        self.update_states(plan)
+        if not plan.seqs:
+            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
+        batch = self.build_batch(plan.seqs)
+        with step_context(batch.context):
+            hidden = self.model(batch.input_ids, batch.positions)  # [tokens, hidden]
+        if not batch.sample_seq_ids:
+            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
+        logits = self.model.compute_logits(hidden[batch.sample_rows]).float()  # [seqs, vocab]
+        token_ids, logprobs = sample(logits, self._sampling_input(batch.sample_seq_ids))
+        return StepResult(
+            step_id=plan.step_id,
+            seq_ids=batch.sample_seq_ids,
+            token_ids=token_ids.tolist(),
+            logprobs=logprobs,
+            forward_s=time.perf_counter() - started,
+        )
