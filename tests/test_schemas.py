@@ -1,0 +1,413 @@
+"""Request decoding, OpenAI-shaped responses and errors, and the request -> SamplingParams map."""
+
+from __future__ import annotations
+
+import falcon
+import falcon.asgi
+import falcon.testing
+import msgspec
+import pytest
+
+from frontend import schemas as s
+from frontend.errors import APIError, model_not_found, register_error_handlers
+from shared.messages import SamplingParams
+
+
+def chat_body(**fields) -> bytes:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]} | fields
+    return msgspec.json.encode(body)
+
+
+def decode_error(body: bytes, kind: type) -> APIError:
+    with pytest.raises(APIError) as info:
+        s.decode_request(body, kind)
+    assert info.value.status == 400
+    return info.value
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+def test_chat_request_with_text_and_image_parts() -> None:
+    body = chat_body(
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                    {"type": "image_url", "image_url": "https://example.com/cat.png"},
+                ],
+            },
+            {"role": "assistant", "content": None},
+        ],
+        stream=True,
+        stream_options={"include_usage": True},
+        stop=["\n\n"],
+    )
+    req = s.decode_request(body, s.ChatCompletionRequest)
+    parts = req.messages[1].content
+    assert isinstance(parts, list)
+    assert parts[0] == s.TextPart(text="what is this?")
+    assert parts[1] == s.ImagePart(image_url=s.ImageURL(url="data:image/png;base64,AA"))
+    assert parts[2] == s.ImagePart(image_url="https://example.com/cat.png")
+    assert req.stream and req.stream_options == s.StreamOptions(include_usage=True)
+    assert s.stop_strings(req) == ["\n\n"]
+
+
+def test_unknown_fields_are_ignored() -> None:
+    req = s.decode_request(
+        chat_body(session_id=7, tools=[], messages=[{"role": "user", "content": "x", "foo": 1}]),
+        s.ChatCompletionRequest,
+    )
+    assert req.messages[0].content == "x"
+
+
+def test_null_optional_fields_are_accepted() -> None:
+    req = s.decode_request(
+        chat_body(temperature=None, top_p=None, stop=None, logit_bias=None, max_tokens=None),
+        s.ChatCompletionRequest,
+    )
+    assert req.temperature is None and req.stop is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"temperature": -0.1}, "temperature", ">= 0.0"),
+        ({"temperature": 2.5}, "temperature", "<= 2.0"),
+        ({"top_p": 0}, "top_p", "> 0.0"),
+        ({"n": 0}, "n", ">= 1"),
+        ({"max_tokens": 0}, "max_tokens", ">= 1"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "<= 20"),
+        ({"presence_penalty": 3}, "presence_penalty", "<= 2.0"),
+        ({"frequency_penalty": "x"}, "frequency_penalty", "got `str`"),
+        ({"stop": 5}, "stop", "Expected"),
+        ({"logit_bias": {"12": 101}}, "logit_bias", "<= 100.0"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+        ({"top_logprobs": 3}, "top_logprobs", "requires `logprobs`"),
+        ({"top_k": -5}, "top_k", "top_k"),
+        ({"messages": []}, "messages", ">= 1"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "enum"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role", "Missing required"),
+        ({"messages": [{"role": "user"}]}, "messages[0]", "`content` is required"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "messages[0].content[0].type",
+            "audio",
+        ),
+    ],
+)
+def test_invalid_chat_fields_name_the_param(fields: dict, param: str, words: str) -> None:
+    err = decode_error(chat_body(**fields), s.ChatCompletionRequest)
+    assert err.param == param
+    assert words in err.message
+    assert f"`{param}`" in err.message or param in err.message
+
+
+def test_missing_top_level_field_and_bad_json() -> None:
+    err = decode_error(b'{"model": "m"}', s.ChatCompletionRequest)
+    assert err.param == "messages"
+    assert err.message == "Missing required parameter: `messages`."
+    err = decode_error(b'{"model": ', s.ChatCompletionRequest)
+    assert err.param is None and "not valid JSON" in err.message
+    err = decode_error(b"[1]", s.ChatCompletionRequest)
+    assert err.param is None and "object" in err.message
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("hi", ["hi"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        ([[1, 2], [3]], [[1, 2], [3]]),
+    ],
+)
+def test_completion_prompt_forms(prompt: object, expected: list) -> None:
+    req = s.decode_request(msgspec.json.encode({"prompt": prompt}), s.CompletionRequest)
+    assert s.completion_prompts(req) == expected
+
+
+@pytest.mark.parametrize("prompt", [[], ["a", 1], [[1], "a"], [[1], []]])
+def test_completion_prompt_bad_forms(prompt: object) -> None:
+    err = decode_error(msgspec.json.encode({"prompt": prompt}), s.CompletionRequest)
+    assert err.param == "prompt"
+
+
+def test_completion_logprobs_range() -> None:
+    err = decode_error(b'{"prompt": "x", "logprobs": 21}', s.CompletionRequest)
+    assert err.param == "logprobs"
+
+
+def test_tokenize_request_needs_prompt_or_messages() -> None:
+    assert s.decode_request(b'{"prompt": "x"}', s.TokenizeRequest).prompt == "x"
+    req = s.decode_request(b'{"messages": [{"role": "user", "content": "x"}]}', s.TokenizeRequest)
+    assert req.messages is not None
+    decode_error(b"{}", s.TokenizeRequest)
+    decode_error(b'{"prompt": "x", "messages": []}', s.TokenizeRequest)
+
+
+def test_encode_and_detokenize_requests() -> None:
+    req = s.decode_request(b'{"input": ["a", "b"]}', s.EncodeRequest)
+    assert req.input == ["a", "b"] and req.add_bos and not req.do_preprocess
+    assert s.decode_request(b'{"tokens": [1, 2]}', s.DetokenizeRequest).tokens == [1, 2]
+    assert decode_error(b'{"tokens": [-1]}', s.DetokenizeRequest).param == "tokens[0]"
+
+
+# ---- to_sampling_params ----------------------------------------------------------------------
+
+
+def test_sampling_defaults() -> None:
+    req = s.decode_request(chat_body(), s.ChatCompletionRequest)
+    assert s.to_sampling_params(req, default_max_tokens=321) == SamplingParams(max_tokens=321)
+
+
+def test_chat_sampling_mapping() -> None:
+    req = s.decode_request(
+        chat_body(
+            max_tokens=10,
+            max_completion_tokens=20,
+            temperature=0,
+            top_p=0.5,
+            top_k=-1,
+            min_p=0.1,
+            repetition_penalty=1.1,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            seed=7,
+            logprobs=True,
+            top_logprobs=3,
+            min_new_tokens=2,
+            min_tokens=4,
+            ignore_eos=True,
+            stop_token_ids=[9],
+            logit_bias={"5": -100},
+        ),
+        s.ChatCompletionRequest,
+    )
+    assert s.to_sampling_params(req, default_max_tokens=100) == SamplingParams(
+        max_tokens=20,  # max_completion_tokens wins
+        temperature=0.0,
+        top_p=0.5,
+        top_k=0,
+        min_p=0.1,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        seed=7,
+        logprobs=3,
+        min_tokens=4,  # min_tokens wins over min_new_tokens
+        ignore_eos=True,
+        stop_token_ids=[9],
+        logit_bias={5: -100.0},
+    )
+
+
+def test_chat_logprobs_without_top_is_zero_alternatives() -> None:
+    req = s.decode_request(chat_body(logprobs=True), s.ChatCompletionRequest)
+    assert s.to_sampling_params(req, 16).logprobs == 0
+    req = s.decode_request(chat_body(logprobs=False), s.ChatCompletionRequest)
+    assert s.to_sampling_params(req, 16).logprobs is None
+
+
+def test_completion_sampling_mapping() -> None:
+    body = b'{"prompt": "x", "max_tokens": 5, "logprobs": 2, "min_new_tokens": 1, "top_k": 40}'
+    params = s.to_sampling_params(s.decode_request(body, s.CompletionRequest), 100)
+    assert (params.max_tokens, params.logprobs, params.min_tokens, params.top_k) == (5, 2, 1, 40)
+
+
+def test_min_tokens_over_max_tokens_is_400() -> None:
+    req = s.decode_request(chat_body(max_tokens=3, min_tokens=4), s.ChatCompletionRequest)
+    with pytest.raises(APIError) as info:
+        s.to_sampling_params(req, 100)
+    assert info.value.param == "min_tokens"
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+def test_chat_completion_shape() -> None:
+    body = s.ChatCompletion(
+        id="chatcmpl-1",
+        created=1,
+        model="m",
+        choices=[
+            s.ChatChoice(index=0, message=s.AssistantMessage(content="hi"), finish_reason="stop")
+        ],
+        usage=s.make_usage(3, 1, cached_tokens=2),
+    )
+    assert msgspec.json.decode(msgspec.json.encode(body)) == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "total_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 2},
+        },
+    }
+
+
+def test_chat_chunk_shape() -> None:
+    chunk = s.ChatCompletionChunk(
+        id="c",
+        created=1,
+        model="m",
+        choices=[s.ChatChunkChoice(index=0, delta=s.ChatDelta(content="x"))],
+    )
+    assert msgspec.json.decode(msgspec.json.encode(chunk)) == {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}
+        ],
+        "usage": None,
+    }
+    assert msgspec.json.encode(s.make_usage(1, 2)) == (
+        b'{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}'
+    )
+
+
+def test_responses_parse_with_openai_types() -> None:
+    """The openai SDK's own models accept what we send."""
+    from openai.types import Completion as OpenAICompletion
+    from openai.types.chat import ChatCompletion as OpenAIChat
+    from openai.types.chat import ChatCompletionChunk as OpenAIChunk
+
+    top = s.TopLogprob(token="a", logprob=-0.1, bytes=[97])
+    chat_logprobs = s.ChatLogprobs(
+        content=[s.ChatTokenLogprob(token="a", logprob=-0.1, bytes=[97], top_logprobs=[top])]
+    )
+    chat = s.ChatCompletion(
+        id="x",
+        created=1,
+        model="m",
+        choices=[
+            s.ChatChoice(
+                index=0,
+                message=s.AssistantMessage(content="a"),
+                logprobs=chat_logprobs,
+                finish_reason="length",
+            )
+        ],
+        usage=s.make_usage(1, 1),
+    )
+    parsed = OpenAIChat.model_validate_json(msgspec.json.encode(chat))
+    assert parsed.choices[0].logprobs.content[0].top_logprobs[0].token == "a"
+
+    chunk = s.ChatCompletionChunk(
+        id="x",
+        created=1,
+        model="m",
+        choices=[s.ChatChunkChoice(index=0, delta=s.ChatDelta(role="assistant", content=""))],
+    )
+    assert OpenAIChunk.model_validate_json(msgspec.json.encode(chunk)).choices[0].delta.role
+
+    completion = s.Completion(
+        id="x",
+        created=1,
+        model="m",
+        choices=[
+            s.CompletionChoice(
+                text="ab",
+                index=0,
+                logprobs=s.CompletionLogprobs(
+                    tokens=["a", "b"],
+                    token_logprobs=[-0.1, -0.5],
+                    top_logprobs=[{"a": -0.1}, {"b": -0.5}],
+                    text_offset=[0, 1],
+                ),
+                finish_reason="stop",
+            )
+        ],
+        usage=s.make_usage(1, 1),
+    )
+    parsed_completion = OpenAICompletion.model_validate_json(msgspec.json.encode(completion))
+    assert parsed_completion.choices[0].logprobs.token_logprobs == [-0.1, -0.5]
+
+
+def test_model_list_shape() -> None:
+    models = s.ModelList(data=[s.ModelCard(id="m", created=5, root="/ckpt", max_model_len=4096)])
+    assert msgspec.json.decode(msgspec.json.encode(models)) == {
+        "object": "list",
+        "data": [
+            {
+                "id": "m",
+                "object": "model",
+                "created": 5,
+                "owned_by": "vlmserve",
+                "root": "/ckpt",
+                "max_model_len": 4096,
+            }
+        ],
+    }
+
+
+# ---- errors through Falcon -------------------------------------------------------------------
+
+
+class _Chat:
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        body = await req.stream.read()
+        chat = s.decode_request(body, s.ChatCompletionRequest)
+        if chat.model != "m":
+            raise model_not_found(chat.model or "")
+        if chat.user == "boom":
+            raise RuntimeError("internal detail")
+        if chat.user == "big":
+            raise falcon.HTTPContentTooLarge(description="body over 1 MiB")
+        resp.media = {"ok": True}
+
+
+@pytest.fixture
+def client() -> falcon.testing.TestClient:
+    app = falcon.asgi.App()
+    app.add_route("/v1/chat/completions", _Chat())
+    register_error_handlers(app)
+    return falcon.testing.TestClient(app)
+
+
+def test_error_handlers_answer_in_openai_shape(client: falcon.testing.TestClient) -> None:
+    path = "/v1/chat/completions"
+    res = client.simulate_post(path, body=chat_body(temperature=9))
+    assert res.status_code == 400
+    assert res.json == {
+        "error": {
+            "message": "Invalid value for `temperature`: Expected `float` <= 2.0",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }
+    res = client.simulate_post(path, body=chat_body(model="other"))
+    assert res.status_code == 404 and res.json["error"]["code"] == "model_not_found"
+
+    res = client.simulate_post("/v1/nothing", body=b"{}")
+    assert res.status_code == 404
+    assert res.json["error"]["message"] == "Invalid URL (POST /v1/nothing)"
+
+    res = client.simulate_get(path)
+    assert res.status_code == 405 and "POST" in res.headers["allow"]
+    assert res.json["error"]["type"] == "invalid_request_error"
+
+    res = client.simulate_post(path, body=chat_body(user="big"))
+    assert res.status_code == 413 and "1 MiB" in res.json["error"]["message"]
+
+    res = client.simulate_post(path, body=chat_body(user="boom"))
+    assert res.status_code == 500
+    assert res.json["error"]["type"] == "server_error"
+    assert "internal detail" not in res.text
