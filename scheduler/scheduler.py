@@ -1,0 +1,362 @@
+"""Continuous batching: which tokens of which requests each step computes, under a token budget.
+
+As in vLLM's v1 engine, a step gives each scheduled request `n` tokens to compute starting at
+its `num_computed`; prefill, chunked prefill and decode are the same thing with different `n`.
+Running requests go first (decodes, then unfinished prefill chunks), then waiting requests are
+admitted while the budget, the batch size and the free blocks allow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from scheduler.block_manager import BlockManager
+from scheduler.request import Request, RequestStatus
+from shared.messages import (
+    ERROR,
+    LENGTH,
+    STOP,
+    NewSeq,
+    RequestOutput,
+    SeqStep,
+    StepPlan,
+    StepResult,
+    Submit,
+)
+
+
+@dataclass(slots=True)
+class _Scheduled:
+    """A request's share of the plan in flight, kept to register its blocks once computed."""
+
+    request: Request
+    seq_id: int
+    num_computed: int  # after this step
+    sample: bool
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block manager; speaks only shared.messages.
+
+    The caller alternates `schedule()` (send the plan to the workers) and `update()` (with the
+    plan's result); `add`, `abort` and the status counters may be called at any time between.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_batch_size: int,
+        max_batched_tokens: int,
+        session_len: int,
+        eos_token_ids: list[int] | set[int] | tuple[int, ...],
+        seed: int = 0,
+    ) -> None:
+        if max_batched_tokens < max_batch_size:
+            # Otherwise decodes past the budget would starve behind older ones every step.
+            raise ValueError(
+                f"max_batched_tokens ({max_batched_tokens}) < max_batch_size ({max_batch_size})"
+            )
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.max_batch_size = max_batch_size
+        self.max_batched_tokens = max_batched_tokens
+        self.session_len = session_len
+        # A sequence can never hold more KV than the whole cache; past that it ends as LENGTH
+        # rather than preempting itself forever.
+        self.max_kv_tokens = num_blocks * block_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order; the last is the newest
+        self._requests: dict[str, Request] = {}
+        self._freed_seq_ids: list[int] = []
+        self._in_flight: list[_Scheduled] = []
+        self._in_flight_step: int | None = None
+        self._step_ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(seed)
+
+    # ---- status ------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def add(self, submit: Submit) -> RequestOutput | None:
+        """Queue a request, or return its ERROR output if it can never run."""
+        error = self._check(submit)
+        if error is not None:
+            return RequestOutput(submit.request_id, [], finish_reason=ERROR, error=error)
+        sp = submit.sampling
+        seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+        req = Request(
+            request_id=submit.request_id,
+            frontend_id=submit.frontend_id,
+            token_ids=list(submit.token_ids),
+            prompt_len=len(submit.token_ids),
+            sampling=sp,
+            seed=seed,
+        )
+        self._requests[req.request_id] = req
+        self.waiting.append(req)
+        return None
+
+    def _check(self, submit: Submit) -> str | None:
+        n = len(submit.token_ids)
+        if submit.request_id in self._requests:
+            return f"request id {submit.request_id!r} is already in use"
+        if n == 0:
+            return "the prompt is empty"
+        if n >= self.session_len:
+            return f"the prompt has {n} tokens; the session length is {self.session_len}"
+        need = self.block_manager.blocks_for(n)
+        if need > self.block_manager.num_blocks:
+            return (
+                f"the prompt needs {need} KV blocks; the cache has only "
+                f"{self.block_manager.num_blocks}"
+            )
+        if submit.sampling.max_tokens < 1:
+            return f"max_tokens must be at least 1, got {submit.sampling.max_tokens}"
+        return None
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now, waiting or running; unknown (e.g. finished) ids are ignored."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        else:
+            self.running.remove(req)
+        self._finish(req)
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """Plan the next step; None when there is nothing to compute and nothing to free."""
+        budget = self.max_batched_tokens
+        new_seqs: list[NewSeq] = []
+        seqs: list[SeqStep] = []
+        scheduled: list[_Scheduled] = []
+        scheduled_ids: set[str] = set()
+        preempted = False
+
+        decodes = [r for r in self.running if r.remaining == 1]
+        prefills = [r for r in self.running if r.remaining > 1]
+        for req in decodes + prefills:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted for an earlier one
+                continue
+            n = min(req.remaining, budget)
+            while not self.block_manager.can_allocate(req.block_table, req.num_computed + n):
+                victim = self._newest_unscheduled(scheduled_ids, exclude=req) or req
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            self.block_manager.allocate(req.block_table, req.num_computed + n)
+            seqs.append(self._step(req, n, known=True))
+            scheduled.append(_Scheduled(req, req.seq_id, req.num_computed, seqs[-1].sample))
+            scheduled_ids.add(req.request_id)
+            budget -= n
+
+        # Like vLLM v1, admit nothing in a step that had to preempt: blocks are short, and a
+        # just-preempted request at the head of the queue would only thrash.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_batch_size
+        ):
+            req = self.waiting[0]
+            n = self._admit(req, budget)
+            if n == 0:
+                break  # not enough blocks; keep FIFO order rather than let others jump ahead
+            self.waiting.popleft()
+            self.running.append(req)
+            new_seqs.append(
+                NewSeq(req.seq_id, list(req.token_ids), req.prompt_len, req.sampling, req.seed)
+            )
+            seqs.append(self._step(req, n, known=False))
+            scheduled.append(_Scheduled(req, req.seq_id, req.num_computed, seqs[-1].sample))
+            budget -= n
+
+        if not seqs and not self._freed_seq_ids:
+            return None
+        plan = StepPlan(next(self._step_ids), new_seqs, seqs, self._freed_seq_ids)
+        self._freed_seq_ids = []
+        self._in_flight = scheduled
+        self._in_flight_step = plan.step_id
+        return plan
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Take cached prefix blocks and blocks for the first chunk; return its size (0: none)."""
+        bm = self.block_manager
+        cached = bm.match_prefix(req.token_ids, req.extra_keys)
+        if len(cached) * bm.block_size >= req.num_tokens:
+            # Fully cached: recompute the last block so there is a token to sample from.
+            cached = cached[:-1]
+        num_cached = len(cached) * bm.block_size
+        n = min(req.num_tokens - num_cached, budget)
+        if not bm.can_allocate([], num_cached + n, cached):
+            return 0
+        bm.allocate(req.block_table, num_cached + n, cached)
+        req.num_computed = num_cached
+        req.num_hashed_blocks = len(cached)
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = num_cached
+        req.seq_id = next(self._seq_ids)
+        req.status = RequestStatus.RUNNING
+        return n
+
+    def _step(self, req: Request, n: int, known: bool) -> SeqStep:
+        """This step's SeqStep for `req`; advances its computed and sent counters."""
+        assert req.seq_id is not None
+        step = SeqStep(
+            seq_id=req.seq_id,
+            start=req.num_computed,
+            num_tokens=n,
+            new_block_ids=req.block_table[req.num_sent_blocks :],
+            new_token_ids=req.token_ids[req.num_sent :] if known else [],
+            sample=req.num_computed + n == req.num_tokens,
+        )
+        # Optimistic, as in vLLM v1: count the tokens as computed once planned; `update` only
+        # appends the sampled token, and a failed step fails everything anyway.
+        req.num_computed += n
+        req.num_sent = req.num_tokens
+        req.num_sent_blocks = len(req.block_table)
+        return step
+
+    def _newest_unscheduled(self, scheduled_ids: set[str], exclude: Request) -> Request | None:
+        for r in reversed(self.running):
+            if r is not exclude and r.request_id not in scheduled_ids:
+                return r
+        return None
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's blocks and requeue it first; it recomputes from scratch."""
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed = 0
+        req.num_sent = 0
+        req.num_sent_blocks = 0
+        req.num_hashed_blocks = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def update(self, result: StepResult) -> dict[str, list[RequestOutput]]:
+        """Apply the sampled tokens of the plan in flight; return the outputs per frontend id.
+
+        Raises ValueError for a result of another step than the last planned one: the workers
+        run plans in order, so a mismatch is a bug, not something to guess around.
+        """
+        if result.step_id != self._in_flight_step:
+            raise ValueError(f"result for step {result.step_id}, in flight: {self._in_flight_step}")
+        sampled: dict[int, Request] = {}
+        for s in self._in_flight:
+            if s.request.seq_id != s.seq_id:
+                continue  # aborted, finished or preempted since
+            req = s.request
+            req.num_hashed_blocks = self.block_manager.register_full_blocks(
+                req.block_table,
+                req.token_ids,
+                s.num_computed,
+                req.num_hashed_blocks,
+                req.extra_keys,
+            )
+            if s.sample:
+                sampled[s.seq_id] = req
+        self._in_flight = []
+        self._in_flight_step = None
+
+        outputs: dict[str, list[RequestOutput]] = {}
+        for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.token_ids, strict=True)):
+            req = sampled.get(seq_id)
+            if req is None:
+                continue
+            lp = result.logprobs[i] if result.logprobs is not None else None
+            req.token_ids.append(token)
+            reason = self._finish_reason(req, token)
+            out = RequestOutput(
+                req.request_id,
+                [token],
+                logprobs=[lp] if lp is not None else None,
+                finish_reason=reason,
+                num_cached_tokens=req.num_cached_tokens,
+            )
+            outputs.setdefault(req.frontend_id, []).append(out)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req)
+        return outputs
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        sp = req.sampling
+        if req.num_outputs >= sp.min_tokens and (
+            (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids
+        ):
+            return STOP
+        if (
+            req.num_outputs >= sp.max_tokens
+            or req.num_tokens >= self.session_len
+            or req.num_tokens > self.max_kv_tokens
+        ):
+            return LENGTH
+        return None
+
+    def fail_all(self, error: str) -> dict[str, list[RequestOutput]]:
+        """End every waiting and running request with ERROR and `error` (workers are gone)."""
+        outputs: dict[str, list[RequestOutput]] = {}
+        for req in [*self.running, *self.waiting]:
+            out = RequestOutput(
+                req.request_id,
+                [],
+                finish_reason=ERROR,
+                error=error,
+                num_cached_tokens=req.num_cached_tokens,
+            )
+            outputs.setdefault(req.frontend_id, []).append(out)
+            self._finish(req)
+        self.running.clear()
+        self.waiting.clear()
+        self._in_flight = []
+        self._in_flight_step = None
+        return outputs
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _release(self, req: Request) -> None:
+        """Free the blocks and tell the workers (next plan) to forget the seq id."""
+        self.block_manager.free(req.block_table)
+        req.block_table = []
+        if req.seq_id is not None:
+            self._freed_seq_ids.append(req.seq_id)
+            req.seq_id = None
+
+    def _finish(self, req: Request) -> None:
+        """Forget a request already removed from its queue."""
+        self._release(req)
+        req.status = RequestStatus.FINISHED
+        del self._requests[req.request_id]
