@@ -79,7 +79,9 @@ class EngineClient:
         deadline = time.monotonic() + timeout
         while not self.connected.is_set():
             if time.monotonic() > deadline:
-                raise EngineUnavailable(f"no answer from the scheduler at {self.config.address('requests')}")
+                raise EngineUnavailable(
+                    f"no answer from the scheduler at {self.config.address('requests')}"
+                )
             await self._send(Hello(self.frontend_id))
             try:
                 await asyncio.wait_for(self.connected.wait(), HELLO_EVERY_S)

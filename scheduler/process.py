@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
@@ -21,6 +21,7 @@ from scheduler.scheduler import Scheduler
 from shared.config import Config
 from shared.logs import setup_logging
 from shared.messages import (
+    STATUS_TOPIC,
     Abort,
     EngineMsg,
     EngineStatus,
@@ -37,7 +38,6 @@ from shared.messages import (
     WorkerFailed,
     WorkerMsg,
     WorkerReady,
-    STATUS_TOPIC,
 )
 from shared.model_info import read_model_info
 from shared.sockets import Codec, make_socket
@@ -59,7 +59,6 @@ class StepStats:
     steps: int = 0
     scheduler_s: float = 0.0
     step_s: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -107,6 +106,10 @@ class Engine:
             num_running=s.num_running if s else 0,
             num_waiting=s.num_waiting if s else 0,
             free_blocks=s.num_free_blocks if s else 0,
+            steps=self.stats.steps,
+            preemptions=s.num_preemptions if s else 0,
+            scheduler_s=self.stats.scheduler_s,
+            step_s=self.stats.step_s,
         )
         self.tokens.send_multipart([STATUS_TOPIC, self.engine_codec.encode(status)])
 
@@ -141,7 +144,12 @@ class Engine:
                 msg = self.handle_worker(self.worker_codec.decode(self.results.recv()))
                 if msg is not None:
                     ready[msg.rank] = msg
-                    log.info("worker rank %d ready on %s: %d KV blocks", msg.rank, msg.device, msg.num_blocks)
+                    log.info(
+                        "worker rank %d ready on %s: %d KV blocks",
+                        msg.rank,
+                        msg.device,
+                        msg.num_blocks,
+                    )
             self.drain_requests()  # answer hellos so frontends can start while we load
             self.check_liveness(self.config.worker_timeout)
             if time.monotonic() > deadline:
@@ -165,7 +173,9 @@ class Engine:
 
     def submit(self, msg: Submit) -> None:
         if self.scheduler is None:
-            error = RequestOutput(msg.request_id, [], finish_reason="error", error="engine is starting")
+            error = RequestOutput(
+                msg.request_id, [], finish_reason="error", error="engine is starting"
+            )
         else:
             error = self.scheduler.add(msg)
         if error is not None:
@@ -183,7 +193,6 @@ class Engine:
             sock.send(data)
         self.in_flight = time.perf_counter()
         self.stats.scheduler_s += self.in_flight - started
-        self.stats.batch_sizes.append(len(plan.seqs))
 
     def finish_step(self, result: StepResult) -> None:
         received = time.perf_counter()

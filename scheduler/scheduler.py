@@ -77,6 +77,7 @@ class Scheduler:
         self._step_ids = itertools.count()
         self._seq_ids = itertools.count()
         self._rng = random.Random(seed)
+        self.num_preemptions = 0  # since start, for status and benchmarks
 
     # ---- status ------------------------------------------------------------------------------
 
@@ -261,6 +262,7 @@ class Scheduler:
         req.num_sent_blocks = 0
         req.num_hashed_blocks = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 

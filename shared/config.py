@@ -20,7 +20,7 @@ ENV_PREFIX = "VLMSERVE_"
 # One line of help per setting; the flag is the field name with dashes.
 HELP: dict[str, str] = {
     "model": "local checkpoint directory (or a Hugging Face hub id when online)",
-    "model_name": "name served in /v1/models and expected in requests (default: the path's last part)",
+    "model_name": "name served in /v1/models and expected in requests (default: path basename)",
     "run_id": "per-launch suffix of every socket address, shared by all processes of one server",
     "ipc_dir": "directory for ipc:// sockets and the tensor-parallel rendezvous file",
     "engine_host": "host the scheduler binds (or frontends and workers connect to) over tcp",

@@ -101,6 +101,12 @@ class EngineStatus(msgspec.Struct, tag=True, **HOT):
     num_running: int = 0
     num_waiting: int = 0
     free_blocks: int = 0
+    # Cumulative since start, for benchmarks and tests: steps run, preemptions, the
+    # scheduler's own time (planning, updating, publishing) and the time steps took.
+    steps: int = 0
+    preemptions: int = 0
+    scheduler_s: float = 0.0
+    step_s: float = 0.0
 
 
 EngineMsg = TokenBatch | HelloAck | EngineStatus

@@ -86,9 +86,7 @@ def _corpus(rng: random.Random, lines: int) -> list[str]:
     return out
 
 
-def build_tokenizer(
-    vocab_size: int, special: list[str], bos: str | None, seed: int
-) -> Tokenizer:
+def build_tokenizer(vocab_size: int, special: list[str], bos: str | None, seed: int) -> Tokenizer:
     """A byte-level BPE tokenizer of exactly `vocab_size` tokens, trained on generated text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -23,7 +23,9 @@ def block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size * dtype.itemsize
 
 
-def num_blocks_for(config: Config, model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+def num_blocks_for(
+    config: Config, model: nn.Module, dtype: torch.dtype, device: torch.device
+) -> int:
     """--num-kv-blocks if given; else a fraction of free device memory (cpu: of a budget)."""
     if config.num_kv_blocks:
         return config.num_kv_blocks
@@ -34,7 +36,9 @@ def num_blocks_for(config: Config, model: nn.Module, dtype: torch.dtype, device:
         budget = config.cpu_cache_gib * 2**30 * config.cache_max_entry_count
     blocks = int(budget // block_bytes(model, config.block_size, dtype))
     if blocks < 1:
-        raise MemoryError("no room for a single KV cache block; lower the model size or raise the budget")
+        raise MemoryError(
+            "no room for a single KV cache block; lower the model size or raise the budget"
+        )
     return blocks
 
 

@@ -16,7 +16,15 @@ import zmq
 
 from shared.config import Config
 from shared.logs import setup_logging
-from shared.messages import Heartbeat, SchedulerMsg, Shutdown, StepPlan, WorkerFailed, WorkerMsg, WorkerReady
+from shared.messages import (
+    Heartbeat,
+    SchedulerMsg,
+    Shutdown,
+    StepPlan,
+    WorkerFailed,
+    WorkerMsg,
+    WorkerReady,
+)
 from shared.model_info import read_model_info
 from shared.sockets import Codec, make_socket
 from workers.kv_cache import allocate_kv_cache, num_blocks_for

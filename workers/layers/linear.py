@@ -30,7 +30,9 @@ def read_cols(loaded: Any, start: int, size: int) -> torch.Tensor:
 
 def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     if param.shape != value.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} for {tuple(param.shape)}")
+        raise ValueError(
+            f"checkpoint tensor of shape {tuple(value.shape)} for {tuple(param.shape)}"
+        )
     with torch.no_grad():
         param.copy_(value)
 

@@ -1,0 +1,61 @@
+"""Drives the engine from a test through the real EngineClient, many requests at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from frontend.engine_client import EngineClient
+from shared.config import Config
+from shared.messages import EngineStatus, SamplingParams
+
+
+@dataclass
+class Finished:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    elapsed: float = 0.0
+
+
+async def _one(
+    client: EngineClient, request_id: str, prompt: list[int], sp: SamplingParams
+) -> Finished:
+    started = time.monotonic()
+    out = Finished()
+    async for output in client.generate(request_id, prompt, sp):
+        out.token_ids.extend(output.token_ids)
+        out.finish_reason, out.error = output.finish_reason, output.error
+    out.elapsed = time.monotonic() - started
+    return out
+
+
+async def _wait_alive(client: EngineClient, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.alive:
+        if time.monotonic() > deadline:
+            raise TimeoutError("engine did not come up")
+        await asyncio.sleep(0.1)
+
+
+async def run_async(
+    config: Config, requests: list[tuple[list[int], SamplingParams]], timeout: float = 120.0
+) -> tuple[list[Finished], EngineStatus | None]:
+    client = EngineClient(config)
+    await client.start(timeout)
+    try:
+        await _wait_alive(client, timeout)
+        jobs = [_one(client, f"r{i}", p, sp) for i, (p, sp) in enumerate(requests)]
+        results = await asyncio.wait_for(asyncio.gather(*jobs), timeout)
+        await asyncio.sleep(0.6)  # one more status publication, counting the last step
+        return list(results), client.status
+    finally:
+        await client.close()
+
+
+def run_requests(
+    config: Config, requests: list[tuple[list[int], SamplingParams]], timeout: float = 120.0
+) -> tuple[list[Finished], EngineStatus | None]:
+    """Submit all requests at once; wait for all; return them and the engine's last status."""
+    return asyncio.run(run_async(config, requests, timeout))
