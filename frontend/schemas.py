@@ -116,6 +116,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
+    """OpenAI's chat completion request, with vLLM's and LMDeploy's sampling extensions."""
+
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
@@ -128,6 +130,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
+    """OpenAI's (legacy) text completion request, with vLLM's and LMDeploy's extensions."""
+
     # One prompt, or a batch: strings, one list of token ids, or lists of token ids.
     # (msgspec allows one array type per union, so the batch forms are checked below.)
     prompt: str | list[str | int | list[int]]
