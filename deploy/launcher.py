@@ -1,4 +1,8 @@
-"""Starts the engine (scheduler + workers) as real processes for tests and benchmarks."""
+"""Starts vlmserve's processes as children: the engine (scheduler + workers) and frontends.
+
+Used by `vlmserve serve api_server`, by the tests and by the benchmarks, so all of them
+start the very same processes a Procfile or systemd units start.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,6 @@ import msgspec
 
 from shared.config import Config, config_to_env, new_run_id
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def spawn(role: str, config: Config, log_path: str) -> subprocess.Popen:
     """`vlmserve ROLE` in a child process reading `config` from its environment."""
@@ -23,7 +25,6 @@ def spawn(role: str, config: Config, log_path: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", role],
         env=env,
-        cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

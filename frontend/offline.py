@@ -1,4 +1,7 @@
-"""Drives the engine from a test through the real EngineClient, many requests at once."""
+"""Offline use of a running engine: submit many requests at once and collect the results.
+
+The tests and the engine benchmark drive the engine through this, over the real sockets.
+"""
 
 from __future__ import annotations
 

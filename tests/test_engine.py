@@ -13,10 +13,10 @@ import signal
 import time
 
 import pytest
-from engine_client_sync import run_requests
-from engine_procs import engine
 from hf_reference import compare_greedy, hf_greedy
 
+from deploy.launcher import engine
+from frontend.offline import run_requests
 from shared.messages import ERROR, SamplingParams
 
 PROMPT_LENS = [3, 5, 8, 13, 17, 24, 31, 40, 55, 64, 80, 100, 128, 170, 230, 300]

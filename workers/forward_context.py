@@ -24,12 +24,19 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Sequences of similar context length that decode one token each, attended together."""
+
+    token_idx: torch.Tensor  # [decodes] rows of the batch
+    block_tables: torch.Tensor  # [decodes, most blocks] padded with block 0
+    padding: torch.Tensor  # [decodes, 1, most blocks * block size] True past the context
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     slot_mapping: torch.Tensor  # [tokens] cache slot each new token's K/V is written to
     prefills: list[PrefillSpan]
-    decode_token_idx: torch.Tensor | None  # [decodes] rows of the batch that decode
-    decode_slots: torch.Tensor | None  # [decodes, longest context] slots, padded
-    decode_mask: torch.Tensor | None  # [decodes, 1, 1, longest context] True = attend
+    decodes: list[DecodeGroup]
 
 
 _active: list[ForwardContext] = []

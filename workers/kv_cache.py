@@ -45,13 +45,14 @@ def num_blocks_for(
 def allocate_kv_cache(
     model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """One tensor for the whole cache, viewed per layer as [slots, kv_heads, head_dim]."""
+    """One tensor for the whole cache, viewed per layer as [kv_heads, slots, head_dim]."""
     layers = attention_layers(model)
     first = layers[0]
-    shape = (len(layers), 2, num_blocks * block_size, first.num_kv_heads, first.head_dim)
+    shape = (len(layers), 2, first.num_kv_heads, num_blocks * block_size, first.head_dim)
     cache = torch.zeros(shape, dtype=dtype, device=device)
     for index, layer in enumerate(layers):
         layer.k_cache, layer.v_cache = cache[index, 0], cache[index, 1]
+        layer.block_size = block_size
     log.info(
         "KV cache: %d blocks of %d tokens, %.1f MiB",
         num_blocks, block_size, cache.numel() * dtype.itemsize / 2**20,

@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResult
-from workers.forward_context import ForwardContext, PrefillSpan, step_context
+from workers.forward_context import DecodeGroup, ForwardContext, PrefillSpan, step_context
 from workers.sampler import SamplingInput, sample
+
+
+DECODE_GROUP = 16  # decodes attended together; see ModelRunner._decode_groups
 
 
 @dataclass
@@ -74,7 +77,7 @@ class ModelRunner:
         slot_mapping: list[torch.Tensor] = []
         prefills: list[PrefillSpan] = []
         decode_rows: list[int] = []
-        decode_ctx: list[torch.Tensor] = []
+        decode_steps: list[SeqStep] = []
         sample_rows: list[int] = []
         sample_seq_ids: list[int] = []
         for step in steps:
@@ -87,7 +90,7 @@ class ModelRunner:
             slot_mapping.append(ctx_slots[start:])
             if step.num_tokens == 1 and start > 0:
                 decode_rows.append(row)
-                decode_ctx.append(ctx_slots)
+                decode_steps.append(step)
             else:
                 cached = ctx_slots if start > 0 else None
                 prefills.append(PrefillSpan(row, step.num_tokens, end, cached))
@@ -97,7 +100,7 @@ class ModelRunner:
         context = ForwardContext(
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             prefills=[self._to_device(p) for p in prefills],
-            **self._decode_metadata(decode_rows, decode_ctx),
+            decodes=self._decode_groups(decode_rows, decode_steps),
         )
         return Batch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
@@ -113,18 +116,29 @@ class ModelRunner:
         slots = span.ctx_slots.to(self.device)
         return PrefillSpan(span.q_start, span.q_len, span.ctx_len, slots)
 
-    def _decode_metadata(self, rows: list[int], contexts: list[torch.Tensor]) -> dict:
-        if not rows:
-            return dict(decode_token_idx=None, decode_slots=None, decode_mask=None)
-        lengths = torch.tensor([len(c) for c in contexts])
-        # Pad with slot 0: masked out, and always a valid index.
-        slots = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)
-        mask = torch.arange(slots.shape[1])[None, :] < lengths[:, None]
-        return dict(
-            decode_token_idx=torch.tensor(rows, dtype=torch.long, device=self.device),
-            decode_slots=slots.to(self.device),
-            decode_mask=mask[:, None, None, :].to(self.device),
-        )
+    def _decode_groups(self, rows: list[int], steps: list[SeqStep]) -> list[DecodeGroup]:
+        """Decodes sorted by context length, in groups: padding each group to its longest
+        context gathers far fewer padded keys than padding the whole batch to the longest."""
+        order = sorted(range(len(rows)), key=lambda i: steps[i].start)
+        groups = []
+        for first in range(0, len(order), DECODE_GROUP):
+            members = order[first : first + DECODE_GROUP]
+            lengths = torch.tensor([steps[i].start + 1 for i in members])
+            num_blocks = (int(lengths.max()) + self.block_size - 1) // self.block_size
+            tables = torch.zeros(len(members), num_blocks, dtype=torch.long)
+            for row, i in enumerate(members):
+                table = self.seqs[steps[i].seq_id].block_table[:num_blocks]
+                tables[row, : len(table)] = torch.tensor(table)
+            positions = torch.arange(num_blocks * self.block_size)
+            padding = positions[None, :] >= lengths[:, None]
+            groups.append(
+                DecodeGroup(
+                    token_idx=torch.tensor([rows[i] for i in members], device=self.device),
+                    block_tables=tables.to(self.device),
+                    padding=padding[:, None, :].to(self.device),
+                )
+            )
+        return groups
 
     def _sampling_input(self, seq_ids: list[int]) -> SamplingInput:
         states = [self.seqs[seq_id] for seq_id in seq_ids]
