@@ -126,16 +126,19 @@ def main() -> None:
         "speedup": ours["output_tok_s"] / theirs["output_tok_s"] if theirs else None,
     }  # fmt: skip
     print()
-    print(f"| {'':28} | {'vlmserve':>10} | {'transformers':>12} |")
-    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 14}|")
     t = theirs or {}
-    print(
-        f"| {'output tokens/s':28} | {ours['output_tok_s']:10.0f} | {t.get('output_tok_s', 0):12.0f} |"
-    )
-    print(f"| {'wall time (s)':28} | {ours['wall_s']:10.1f} | {t.get('wall_s', 0):12.1f} |")
-    print(f"| {'step time (ms)':28} | {ours['step_ms']:10.1f} | {'':12} |")
-    print(f"| {'scheduler time/step (ms)':28} | {ours['scheduler_ms_per_step']:10.2f} | {'':12} |")
-    print(f"| {'scheduler overhead':28} | {ours['scheduler_overhead']:10.1%} | {'':12} |")
+    rows = [
+        ("output tokens/s", ours["output_tok_s"], t.get("output_tok_s"), "{:.0f}"),
+        ("wall time (s)", ours["wall_s"], t.get("wall_s"), "{:.1f}"),
+        ("step time (ms)", ours["step_ms"], None, "{:.1f}"),
+        ("scheduler time/step (ms)", ours["scheduler_ms_per_step"], None, "{:.2f}"),
+        ("scheduler overhead", ours["scheduler_overhead"], None, "{:.1%}"),
+    ]
+    print(f"| {'':26} | {'vlmserve':>10} | {'transformers':>12} |")
+    print(f"|{'-' * 28}|{'-' * 12}|{'-' * 14}|")
+    for label, a, b, fmt in rows:
+        theirs_cell = fmt.format(b) if b is not None else ""
+        print(f"| {label:26} | {fmt.format(a):>10} | {theirs_cell:>12} |")
     if report["speedup"]:
         print(f"\nvlmserve / transformers output throughput: {report['speedup']:.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -16,7 +16,6 @@ from shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResul
 from workers.forward_context import DecodeGroup, ForwardContext, PrefillSpan, step_context
 from workers.sampler import SamplingInput, sample
 
-
 DECODE_GROUP = 16  # decodes attended together; see ModelRunner._decode_groups
 
 
