@@ -1,7 +1,9 @@
 """The `vlmserve` command: one subcommand per process kind, plus tools.
 
+    vlmserve serve api_server MODEL     every process below, as one server (the usual way)
     vlmserve scheduler [flags]          the scheduler process
     vlmserve worker --rank R [flags]    one worker process (one device)
+    vlmserve frontend [flags]           the Gunicorn frontends (HTTP), joining a scheduler
     vlmserve demo-checkpoint DIR        write a tiny random-weight checkpoint
 
 Every process reads the same Config from flags or VLMSERVE_* environment variables.
@@ -10,9 +12,13 @@ Every process reads the same Config from flags or VLMSERVE_* environment variabl
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 
-from shared.config import add_config_flags, config_from_args
+from shared.config import add_config_flags, config_from_args, config_to_env, new_run_id
+from shared.logs import setup_logging
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,6 +41,54 @@ def run_worker(argv: list[str]) -> int:
     return serve(config_from_args(args))
 
 
+def run_frontend(argv: list[str]) -> int:
+    """Replace this process with Gunicorn serving `frontend.asgi:app` on the same config."""
+    args = _config_parser("frontend", "Run the HTTP frontends (Gunicorn).").parse_args(argv)
+    config = config_from_args(args)
+    config.address("requests")  # fail now, not in every worker, if the run id is missing
+    os.environ.update(config_to_env(config))
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:deploy.gunicorn_conf"]
+    os.execv(sys.executable, [*gunicorn, "frontend.asgi:app"])
+    return 1  # not reached
+
+
+def run_serve(argv: list[str]) -> int:
+    """`vlmserve serve api_server MODEL [flags]`: start everything, stop it all on a signal."""
+    from deploy.launcher import resolve_model, server
+
+    if not argv or argv[0] != "api_server":
+        print("usage: vlmserve serve api_server MODEL [flags]", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(
+        prog="vlmserve serve api_server",
+        description="Serve MODEL behind an OpenAI-compatible API: scheduler, workers, frontends.",
+    )
+    parser.add_argument("model", help="local checkpoint directory or Hugging Face hub id")
+    add_config_flags(parser, skip=("model", "rank"))
+    args = parser.parse_args(argv[1:])
+    log = setup_logging("launcher", args.log_level)
+    model = resolve_model(args.model)
+    config = config_from_args(args, model=model, run_id=args.run_id or new_run_id())
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
+    with server(config) as srv:
+        log.info(
+            "vlmserve ready at %s serving %r (tp %d, %d frontend workers, run id %s); "
+            "API docs at %s/docs",
+            srv["url"], config.served_name, config.tp, config.frontend_workers,
+            config.run_id, srv["url"],
+        )  # fmt: skip
+        while not stopping:
+            dead = [(n, p.returncode) for n, p in srv["procs"].items() if p.poll() is not None]
+            if dead:
+                log.error("%s exited with code %s; stopping the server", *dead[0])
+                return 1
+            time.sleep(0.5)
+        log.info("%s received; stopping every process", stopping[0])
+    return 0
+
+
 def run_demo_checkpoint(argv: list[str]) -> int:
     from workers.demo_checkpoint import main as demo_main
 
@@ -43,8 +97,10 @@ def run_demo_checkpoint(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "serve": run_serve,
     "scheduler": run_scheduler,
     "worker": run_worker,
+    "frontend": run_frontend,
     "demo-checkpoint": run_demo_checkpoint,
 }
 

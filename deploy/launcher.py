@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 
 import msgspec
@@ -18,15 +20,16 @@ import msgspec
 from shared.config import Config, config_to_env, new_run_id
 
 
-def spawn(role: str, config: Config, log_path: str) -> subprocess.Popen:
-    """`vlmserve ROLE` in a child process reading `config` from its environment."""
+def spawn(role: str, config: Config, log_path: str | None = None) -> subprocess.Popen:
+    """`vlmserve ROLE` in a child process reading `config` from its environment; its output
+    goes to `log_path`, or to ours when None."""
     env = {**os.environ, **config_to_env(config), "PYTHONUNBUFFERED": "1"}
-    log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until it exits
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it
     return subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", role],
         env=env,
         stdout=log,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if log else None,
     )
 
 
@@ -41,16 +44,21 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
     return proc.returncode
 
 
+def engine_processes(config: Config, log_path: str | None) -> dict[str, subprocess.Popen]:
+    """The scheduler and one worker per tensor-parallel rank."""
+    procs = {"scheduler": spawn("scheduler", config, log_path)}
+    for rank in range(config.tp):
+        rank_config = msgspec.structs.replace(config, rank=rank)
+        procs[f"worker{rank}"] = spawn("worker", rank_config, log_path)
+    return procs
+
+
 @contextlib.contextmanager
 def engine(model_dir: str, workdir: str, **settings: object) -> Iterator[dict]:
     """Run a scheduler and `tp` workers; yield their config and processes; stop them after."""
     config = Config(model=model_dir, run_id=new_run_id(), ipc_dir=workdir, **settings)
     log_path = os.path.join(workdir, f"engine-{config.run_id}.log")
-    procs = {"scheduler": spawn("scheduler", config, log_path)}
-    for rank in range(config.tp):
-        procs[f"worker{rank}"] = spawn(
-            "worker", msgspec.structs.replace(config, rank=rank), log_path
-        )
+    procs = engine_processes(config, log_path)
     try:
         yield {"config": config, "procs": procs, "log": log_path}
     finally:
@@ -58,6 +66,49 @@ def engine(model_dir: str, workdir: str, **settings: object) -> Iterator[dict]:
             stop(proc)
 
 
-def read_log(path: str) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()
+def resolve_model(model: str) -> str:
+    """A local checkpoint directory as is; otherwise a Hugging Face hub id, downloaded (or
+    found in the local hub cache) with huggingface_hub."""
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model)
+    except Exception as exc:  # offline, unknown repo, no access: all end the launch
+        raise SystemExit(
+            f"{model!r} is no local directory and could not be fetched: {exc}"
+        ) from exc
+
+
+def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float) -> None:
+    """Poll /health until it answers 200; fail if a child exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} during startup")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not healthy after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def server(config: Config, log_path: str | None = None) -> Iterator[dict]:
+    """Scheduler, workers and the Gunicorn frontends; yields the URL once /health is 200."""
+    procs = engine_processes(config, log_path)
+    procs["frontend"] = spawn("frontend", config, log_path)
+    host = "127.0.0.1" if config.server_name in ("0.0.0.0", "::") else config.server_name
+    url = f"http://{host}:{config.server_port}"
+    try:
+        wait_healthy(url, procs, timeout=float(os.environ.get("VLMSERVE_START_TIMEOUT", "900")))
+        yield {"url": url, "procs": procs, "config": config}
+    finally:
+        # Frontends first, so nothing new arrives while the engine stops.
+        for name in ["frontend", *[n for n in procs if n != "frontend"]]:
+            stop(procs[name])

@@ -69,16 +69,18 @@ class EngineClient:
 
     @property
     def alive(self) -> bool:
-        """True while the scheduler publishes status and reports its workers alive."""
+        """True once connected, while the scheduler publishes status and its workers live."""
         fresh = time.monotonic() - self.status_at < STATUS_STALE_S
-        return fresh and self.status is not None and self.status.workers_alive
+        up = self.status is not None and self.status.workers_alive
+        return self.connected.is_set() and fresh and up
 
-    async def start(self, timeout: float = 30.0) -> None:
-        """Subscribe and complete the hello round trip; raise EngineUnavailable on timeout."""
+    async def start(self, timeout: float | None = 30.0) -> None:
+        """Subscribe and complete the hello round trip; raise EngineUnavailable on timeout
+        (None: keep trying, for a frontend started before the scheduler)."""
         self.receiver = asyncio.create_task(self._receive_loop())
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.connected.is_set():
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise EngineUnavailable(
                     f"no answer from the scheduler at {self.config.address('requests')}"
                 )

@@ -43,6 +43,7 @@ HELP: dict[str, str] = {
     "server_port": "port the HTTP server binds",
     "frontend_workers": "number of Gunicorn worker processes (frontends)",
     "api_keys": "comma-separated API keys; empty means no authentication",
+    "max_body_mb": "largest request body the HTTP server accepts, in MiB (413 above)",
 }
 
 
@@ -73,6 +74,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     server_port: int = 23333
     frontend_workers: int = 1
     api_keys: str = ""
+    max_body_mb: int = 32
 
     def __post_init__(self) -> None:
         checks = [
@@ -150,3 +152,10 @@ def config_to_env(config: Config) -> dict[str, str]:
         ENV_PREFIX + field.name.upper(): str(getattr(config, field.name))
         for field in msgspec.structs.fields(Config)
     }
+
+
+def config_from_env() -> Config:
+    """The Config of a process started with no flags (a Gunicorn worker): environment only."""
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    return config_from_args(parser.parse_args([]))

@@ -24,7 +24,7 @@ def block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
 
 
 def num_blocks_for(
-    config: Config, model: nn.Module, dtype: torch.dtype, device: torch.device
+    config: Config, model: nn.Module, dtype: torch.dtype, device: torch.device, session_len: int
 ) -> int:
     """--num-kv-blocks if given; else a fraction of free device memory (cpu: of a budget)."""
     if config.num_kv_blocks:
@@ -35,6 +35,10 @@ def num_blocks_for(
     else:
         budget = config.cpu_cache_gib * 2**30 * config.cache_max_entry_count
     blocks = int(budget // block_bytes(model, config.block_size, dtype))
+    if device.type == "cpu":
+        # Host memory is not reserved for us alone: take no more than a full batch of
+        # full-length sequences could ever use (session length is at most this).
+        blocks = min(blocks, config.max_batch_size * -(-session_len // config.block_size))
     if blocks < 1:
         raise MemoryError(
             "no room for a single KV cache block; lower the model size or raise the budget"

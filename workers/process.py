@@ -8,6 +8,8 @@ tells the scheduler it is alive, also while weights load and while a long step r
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import threading
 import traceback
 
@@ -55,8 +57,10 @@ def heartbeat_loop(ctx: zmq.Context, config: Config, stop: threading.Event) -> N
 
 
 def serve(config: Config) -> int:
-    """Run until told to shut down (0) or until something fails (1)."""
+    """Run until told to shut down (0), stopped by a signal (0), or something fails (1)."""
     log = setup_logging(f"worker{config.rank}", config.log_level)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     device = pick_device(config)
     dtype = pick_dtype(config, device)
     log.info(
@@ -73,9 +77,10 @@ def serve(config: Config) -> int:
     plan_codec = Codec(SchedulerMsg)
     try:
         model = load_model(config.model, dtype, device)
-        num_blocks = num_blocks_for(config, model, dtype, device)
-        allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
         info = read_model_info(config.model)
+        session_len = config.session_len or info.max_position_embeddings
+        num_blocks = num_blocks_for(config, model, dtype, device, session_len)
+        allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
         runner = ModelRunner(model, config.block_size, info.eos_token_ids, device)
         results.send(codec.encode(WorkerReady(config.rank, num_blocks, str(device))))
         while True:

@@ -1,0 +1,96 @@
+"""The Falcon ASGI app of one frontend process: `create_app(config)`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+
+import falcon.asgi
+
+from frontend.detokenizer import TokenTexts
+from frontend.engine_client import EngineClient
+from frontend.errors import invalid_api_key, register_error_handlers
+from frontend.openapi import STATIC_DIR
+from frontend.prompts import Prompter
+from frontend.routes.chat import ChatCompletionsResource
+from frontend.routes.completions import CompletionsResource
+from frontend.routes.info import DocsResource, HealthResource, ModelsResource, OpenAPIResource
+from frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
+from frontend.state import FrontendState
+from shared.config import Config
+from shared.model_info import read_model_info
+
+log = logging.getLogger("vlmserve.frontend")
+
+# Paths anyone may read without an API key.
+PUBLIC_PATHS = ("/health", "/openapi.json", "/docs", "/static", "/ui")
+
+
+class ApiKeyAuth:
+    """Requires `Authorization: Bearer <key>` when --api-keys is set."""
+
+    def __init__(self, keys: str) -> None:
+        self.keys = [k.strip().encode() for k in keys.split(",") if k.strip()]
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if not self.keys or req.path == "/" or req.path.startswith(PUBLIC_PATHS):
+            return
+        header = req.get_header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        # compare_digest against every key: the time taken says nothing about which matched.
+        matches = [hmac.compare_digest(given, key) for key in self.keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise invalid_api_key()
+
+
+class EngineConnection:
+    """Connects to the scheduler when the worker's event loop starts; closes on shutdown."""
+
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+        self.task: asyncio.Task | None = None
+
+    async def process_startup(self, scope: dict, event: dict) -> None:
+        config = self.state.config
+        log.info(
+            "frontend %s pid %d: model %s as %r, requests %s, tokens %s",
+            self.state.engine.frontend_id, os.getpid(), config.model, config.served_name,
+            config.address("requests"), config.address("tokens"),
+        )  # fmt: skip
+        # Keep trying in the background: a frontend may start before the scheduler does,
+        # and answers 503 until it is connected.
+        self.task = asyncio.create_task(self.state.engine.start(timeout=None))
+
+    async def process_shutdown(self, scope: dict, event: dict) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.state.engine.close()
+
+
+def create_app(config: Config) -> falcon.asgi.App:
+    info = read_model_info(config.model)
+    prompter = Prompter(config.model, config.session_len or info.max_position_embeddings)
+    state = FrontendState(
+        config=config,
+        prompter=prompter,
+        engine=EngineClient(config),
+        token_texts=TokenTexts(prompter.tokenizer),
+    )
+    app = falcon.asgi.App(middleware=[EngineConnection(state), ApiKeyAuth(config.api_keys)])
+    register_error_handlers(app)
+    app.add_route("/v1/models", ModelsResource(state))
+    app.add_route("/v1/chat/completions", ChatCompletionsResource(state))
+    app.add_route("/v1/completions", CompletionsResource(state))
+    app.add_route("/v1/encode", EncodeResource(state))
+    app.add_route("/tokenize", TokenizeResource(state))
+    app.add_route("/detokenize", DetokenizeResource(state))
+    app.add_route("/health", HealthResource(state))
+    app.add_route("/openapi.json", OpenAPIResource(state))
+    docs = DocsResource()
+    app.add_route("/", docs)
+    app.add_route("/docs", docs)
+    app.add_static_route("/static", str(STATIC_DIR))
+    return app

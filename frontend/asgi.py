@@ -1,0 +1,12 @@
+"""The ASGI entry point Gunicorn loads in each worker: `frontend.asgi:app`.
+
+Settings come from the environment (VLMSERVE_*), as for every other process.
+"""
+
+from frontend.app import create_app
+from shared.config import config_from_env
+from shared.logs import setup_logging
+
+_config = config_from_env()
+setup_logging("frontend", _config.log_level)
+app = create_app(_config)

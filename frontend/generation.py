@@ -1,0 +1,140 @@
+"""Runs the `n` choices of one prompt on the engine and turns their tokens into text deltas.
+
+Shared by chat and text completions, streamed or not: both consume the same
+`ChoiceDelta`s, so a streamed answer joins to exactly the non-streamed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import msgspec
+
+from frontend.detokenizer import TextStream, Tokenizer
+from frontend.engine_client import EngineClient
+from frontend.errors import APIError, service_unavailable
+from shared.messages import ERROR, SamplingParams, TokenLogprob
+
+_request_numbers = itertools.count()
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How a choice's tokens become text (the request's detokenization fields)."""
+
+    stop: list[str]
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice got from one engine output: new tokens and the text they add."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None  # "stop" or "length" on a choice's last delta
+    num_cached_tokens: int = 0
+
+
+class EngineError(Exception):
+    """The engine failed a request (a worker died, or it refused the request)."""
+
+
+def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice i of a seeded request uses seed + i, so the n choices differ yet reproduce."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return msgspec.structs.replace(sampling, seed=sampling.seed + index)
+
+
+async def _run_choice(
+    engine: EngineClient,
+    request_id: str,
+    index: int,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+    stream: TextStream,
+    out: asyncio.Queue,
+) -> None:
+    async with aclosing(engine.generate(request_id, prompt_ids, sampling)) as outputs:
+        async for output in outputs:
+            if output.finish_reason == ERROR:
+                raise EngineError(output.error or "the engine failed this request")
+            text = stream.add(output.token_ids)
+            finish = "stop" if stream.stopped else output.finish_reason
+            if finish is not None and not stream.stopped:
+                text += stream.finish()
+            delta = ChoiceDelta(
+                index, text, output.token_ids, output.logprobs, finish, output.num_cached_tokens
+            )
+            await out.put(delta)
+            if finish is not None:
+                return  # leaving early (a stop string) aborts the engine request
+
+
+async def generate_choices(
+    engine: EngineClient,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    n: int,
+    text: TextOptions,
+) -> AsyncIterator[ChoiceDelta]:
+    """Deltas of `n` choices of each prompt, as they come; choice j of prompt p has index
+    p * n + j. Closing the iterator early (a client disconnects) aborts them all."""
+    if not engine.alive:
+        raise service_unavailable("the engine is not running")
+    queue: asyncio.Queue = asyncio.Queue()
+    base = f"{engine.frontend_id}-{next(_request_numbers)}"
+    tasks = []
+    for p, prompt_ids in enumerate(prompts):
+        for j in range(n):
+            stream = TextStream(
+                tokenizer,
+                prompt_ids,
+                text.stop,
+                text.include_stop_str_in_output,
+                text.skip_special_tokens,
+                text.spaces_between_special_tokens,
+            )
+            index = p * n + j
+            job = _run_choice(
+                engine, f"{base}-{index}", index, prompt_ids, _choice_sampling(sampling, j),
+                stream, queue,
+            )  # fmt: skip
+            tasks.append(asyncio.create_task(job))
+    try:
+        for task in tasks:
+            task.add_done_callback(lambda t: queue.put_nowait(t))
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if isinstance(item, asyncio.Task):
+                done += 1
+                _raise_from(item)
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _raise_from(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, EngineError):
+        raise service_unavailable(f"the engine failed the request: {exc}") from exc
+    if isinstance(exc, APIError):
+        raise exc
+    if exc is not None:
+        raise service_unavailable(f"the engine could not run the request: {exc}") from exc

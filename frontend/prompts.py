@@ -1,0 +1,73 @@
+"""Chat templates and tokenization, done the way the model's Hugging Face processor does it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import transformers
+
+from frontend.errors import bad_request
+from frontend.schemas import ChatMessage, ImagePart
+
+
+class Prompter:
+    """The model's tokenizer and chat template, and the session length prompts must fit."""
+
+    def __init__(self, model_dir: str, session_len: int) -> None:
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.session_len = session_len
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{model_dir} has no chat template; /v1/chat/completions needs one")
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The conversation as the chat template writes it."""
+        dicts: list[dict[str, Any]] = []
+        for message in messages:
+            if isinstance(message.content, list) and any(
+                isinstance(part, ImagePart) for part in message.content
+            ):
+                raise bad_request("this model does not accept images", "messages")
+            turn = msgspec.to_builtins(message)
+            dicts.append({k: v for k, v in turn.items() if v is not None})
+        return self.tokenizer.apply_chat_template(
+            dicts, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def render_chat_text(self, text: str) -> str:
+        """A plain string as one user turn, rendered by the chat template."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a rendered chat, with the tokenizer's own special tokens (a Llama BOS)
+        unless the template already wrote them, as the model's processor would tokenize it."""
+        bos = self.tokenizer.bos_token
+        already = bos is not None and text.startswith(bos)
+        return self.tokenizer(text, add_special_tokens=not already)["input_ids"]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        return self.encode_rendered(self.render_chat(messages))
+
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the session."""
+        if prompt_len >= self.session_len:
+            raise bad_request(
+                f"the prompt has {prompt_len} tokens; this server's session length is "
+                f"{self.session_len} (--session-len), which must also leave room for output",
+                "messages",
+                code="context_length_exceeded",
+            )
+        room = self.session_len - prompt_len
+        if max_tokens is not None and max_tokens > room:
+            raise bad_request(
+                f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_len + max_tokens} exceeds the session length {self.session_len}",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        return room

@@ -1,0 +1,189 @@
+"""POST /v1/chat/completions: OpenAI chat completions, streamed (SSE) or as one JSON body."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import falcon.asgi
+import msgspec
+from falcon.asgi import SSEvent
+
+from frontend.errors import APIError, service_unavailable
+from frontend.generation import ChoiceDelta, TextOptions, generate_choices
+from frontend.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprob,
+    decode_request,
+    make_usage,
+    stop_strings,
+    to_sampling_params,
+)
+from frontend.state import FrontendState
+from shared.messages import TokenLogprob
+
+encoder = msgspec.json.Encoder()
+
+
+def text_options(req: ChatCompletionRequest) -> TextOptions:
+    return TextOptions(
+        stop=stop_strings(req),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+    )
+
+
+def chat_logprobs(
+    state: FrontendState, token_ids: list[int], lps: list[TokenLogprob]
+) -> ChatLogprobs:
+    texts = state.token_texts
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=texts.text_of(token),
+                logprob=lp.logprob,
+                bytes=list(texts.bytes_of(token)),
+                top_logprobs=[
+                    TopLogprob(token=texts.text_of(t), logprob=v, bytes=list(texts.bytes_of(t)))
+                    for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+                ],
+            )
+            for token, lp in zip(token_ids, lps, strict=True)
+        ]
+    )
+
+
+def sse(payload: msgspec.Struct | bytes) -> SSEvent:
+    data = payload if isinstance(payload, bytes) else encoder.encode(payload)
+    return SSEvent(data=data)
+
+
+class ChatCompletionsResource:
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        state = self.state
+        body = decode_request(await state.read_body(req), ChatCompletionRequest)
+        state.check_model(body.model)
+        prompt_ids = await state.off_loop(state.prompter.chat_ids, body.messages)
+        asked = body.max_completion_tokens or body.max_tokens
+        room = state.prompter.check_length(len(prompt_ids), asked)
+        sampling = to_sampling_params(body, default_max_tokens=room)
+        if not state.engine.alive:
+            raise service_unavailable("the engine is not running")
+        deltas = generate_choices(
+            state.engine,
+            state.prompter.tokenizer,
+            [prompt_ids],
+            sampling,
+            body.n,
+            text_options(body),
+        )
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            resp.sse = self.stream(body, deltas, reply_id, created, len(prompt_ids))
+        else:
+            answer = await self.collect(body, deltas, reply_id, created, len(prompt_ids))
+            resp.data = encoder.encode(answer)
+            resp.content_type = falcon.MEDIA_JSON
+
+    async def collect(
+        self,
+        body: ChatCompletionRequest,
+        deltas: AsyncIterator[ChoiceDelta],
+        reply_id: str,
+        created: int,
+        prompt_len: int,
+    ) -> ChatCompletion:
+        texts = {i: [] for i in range(body.n)}
+        tokens = {i: [] for i in range(body.n)}
+        lps = {i: [] for i in range(body.n)}
+        finish: dict[int, str | None] = {}
+        cached = 0
+        async with aclosing(deltas) as events:
+            async for d in events:
+                texts[d.index].append(d.text)
+                tokens[d.index].extend(d.token_ids)
+                lps[d.index].extend(d.logprobs or [])
+                finish[d.index] = d.finish_reason
+                cached = max(cached, d.num_cached_tokens)
+        want_lps = body.logprobs
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content="".join(texts[i])),
+                logprobs=chat_logprobs(self.state, tokens[i], lps[i]) if want_lps else None,
+                finish_reason=finish.get(i),
+            )
+            for i in range(body.n)
+        ]
+        completion = sum(len(t) for t in tokens.values())
+        return ChatCompletion(
+            id=reply_id,
+            created=created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=make_usage(prompt_len, completion, cached),
+        )
+
+    async def stream(
+        self,
+        body: ChatCompletionRequest,
+        deltas: AsyncIterator[ChoiceDelta],
+        reply_id: str,
+        created: int,
+        prompt_len: int,
+    ) -> AsyncIterator[SSEvent]:
+        def chunk(choices: list[ChatChunkChoice], usage=None) -> SSEvent:  # noqa: ANN001
+            return sse(
+                ChatCompletionChunk(
+                    id=reply_id, created=created, model=self.state.model_name,
+                    choices=choices, usage=usage,
+                )
+            )  # fmt: skip
+
+        completion, cached = 0, 0
+        try:
+            for i in range(body.n):
+                yield chunk(
+                    [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]
+                )
+            async with aclosing(deltas) as events:
+                async for d in events:
+                    completion += len(d.token_ids)
+                    cached = max(cached, d.num_cached_tokens)
+                    if not d.text and d.finish_reason is None and not body.logprobs:
+                        continue
+                    lps = (
+                        chat_logprobs(self.state, d.token_ids, d.logprobs or [])
+                        if body.logprobs
+                        else None
+                    )
+                    delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=d.index,
+                                delta=delta,
+                                logprobs=lps,
+                                finish_reason=d.finish_reason,
+                            )
+                        ]
+                    )
+            if body.stream_options and body.stream_options.include_usage:
+                yield chunk([], make_usage(prompt_len, completion, cached))
+            yield SSEvent(data=b"[DONE]")
+        except APIError as err:  # the stream has begun: report the error in it, then close
+            yield SSEvent(data=err.to_json())

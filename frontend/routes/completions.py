@@ -1,0 +1,169 @@
+"""POST /v1/completions: OpenAI (legacy) text completions, one prompt or a batch of them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import falcon.asgi
+from falcon.asgi import SSEvent
+
+from frontend.errors import APIError, bad_request, service_unavailable
+from frontend.generation import ChoiceDelta, TextOptions, generate_choices
+from frontend.routes.chat import encoder, sse
+from frontend.schemas import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    completion_prompts,
+    decode_request,
+    make_usage,
+    stop_strings,
+    to_sampling_params,
+)
+from frontend.state import FrontendState
+from shared.messages import TokenLogprob
+
+
+def completion_logprobs(
+    state: FrontendState, token_ids: list[int], lps: list[TokenLogprob], offset: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy parallel lists; `offset` is where these tokens' text starts."""
+    texts = state.token_texts
+    out = CompletionLogprobs()
+    for token, lp in zip(token_ids, lps, strict=True):
+        text = texts.text_of(token)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append(
+            {texts.text_of(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}
+        )
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+class CompletionsResource:
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+
+    async def tokenize(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        prompter = self.state.prompter
+        return [
+            list(p) if isinstance(p, list) else await self.state.off_loop(prompter.encode, p)
+            for p in prompts
+        ]
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        state = self.state
+        body = decode_request(await state.read_body(req), CompletionRequest)
+        state.check_model(body.model)
+        if body.echo and body.logprobs is not None:
+            raise bad_request("`echo` with `logprobs` needs prompt logprobs, not served", "echo")
+        prompts = await self.tokenize(completion_prompts(body))
+        vocab = len(state.prompter.tokenizer)
+        if any(t < 0 or t >= vocab for p in prompts for t in p):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
+        rooms = [state.prompter.check_length(len(p), body.max_tokens) for p in prompts]
+        sampling = to_sampling_params(body, default_max_tokens=min(rooms))
+        if not state.engine.alive:
+            raise service_unavailable("the engine is not running")
+        text = TextOptions(
+            stop=stop_strings(body),
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens,
+        )
+        deltas = generate_choices(
+            state.engine, state.prompter.tokenizer, prompts, sampling, body.n, text
+        )
+        echoes = [state.prompter.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        reply = Completion(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,
+            choices=[],
+        )  # fmt: skip
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.stream:
+            resp.sse = self.stream(body, deltas, reply, echoes, prompt_tokens)
+        else:
+            resp.data = encoder.encode(
+                await self.collect(body, deltas, reply, echoes, prompt_tokens)
+            )
+            resp.content_type = falcon.MEDIA_JSON
+
+    async def collect(
+        self,
+        body: CompletionRequest,
+        deltas: AsyncIterator[ChoiceDelta],
+        reply: Completion,
+        echoes: list[str],
+        prompt_tokens: int,
+    ) -> Completion:
+        count = len(echoes) * body.n
+        texts = [[echoes[i // body.n]] for i in range(count)]
+        tokens: list[list[int]] = [[] for _ in range(count)]
+        lps: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        finish: list[str | None] = [None] * count
+        cached = 0
+        async with aclosing(deltas) as events:
+            async for d in events:
+                texts[d.index].append(d.text)
+                tokens[d.index].extend(d.token_ids)
+                lps[d.index].extend(d.logprobs or [])
+                finish[d.index] = d.finish_reason
+                cached = max(cached, d.num_cached_tokens)
+        reply.choices = [
+            CompletionChoice(
+                text="".join(texts[i]),
+                index=i,
+                logprobs=None
+                if body.logprobs is None
+                else completion_logprobs(self.state, tokens[i], lps[i], len(echoes[i // body.n])),
+                finish_reason=finish[i],
+            )
+            for i in range(count)
+        ]
+        reply.usage = make_usage(prompt_tokens, sum(len(t) for t in tokens), cached)
+        return reply
+
+    async def stream(
+        self,
+        body: CompletionRequest,
+        deltas: AsyncIterator[ChoiceDelta],
+        reply: Completion,
+        echoes: list[str],
+        prompt_tokens: int,
+    ) -> AsyncIterator[SSEvent]:
+        count = len(echoes) * body.n
+        offsets = [len(echoes[i // body.n]) for i in range(count)]
+        echoed = [not body.echo] * count
+        completion, cached = 0, 0
+        try:
+            async with aclosing(deltas) as events:
+                async for d in events:
+                    completion += len(d.token_ids)
+                    cached = max(cached, d.num_cached_tokens)
+                    text = d.text if echoed[d.index] else echoes[d.index // body.n] + d.text
+                    echoed[d.index] = True
+                    lps = None
+                    if body.logprobs is not None:
+                        lps = completion_logprobs(
+                            self.state, d.token_ids, d.logprobs or [], offsets[d.index]
+                        )
+                    offsets[d.index] += len(d.text)
+                    reply.choices = [
+                        CompletionChoice(
+                            text=text, index=d.index, logprobs=lps, finish_reason=d.finish_reason
+                        )
+                    ]
+                    yield sse(reply)
+            if body.stream_options and body.stream_options.include_usage:
+                reply.choices = []
+                reply.usage = make_usage(prompt_tokens, completion, cached)
+                yield sse(reply)
+            yield SSEvent(data=b"[DONE]")
+        except APIError as err:  # the stream has begun: report the error in it, then close
+            yield SSEvent(data=err.to_json())

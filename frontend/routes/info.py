@@ -1,0 +1,57 @@
+"""GET /v1/models, GET /health, GET /openapi.json and the Swagger UI pages."""
+
+from __future__ import annotations
+
+import falcon.asgi
+import msgspec
+
+from frontend.errors import service_unavailable
+from frontend.openapi import DOCS_PAGE, openapi_spec
+from frontend.schemas import ModelCard, ModelList
+from frontend.state import FrontendState
+
+
+class ModelsResource:
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        card = ModelCard(
+            id=self.state.model_name,
+            created=self.state.created,
+            root=self.state.config.model,
+            max_model_len=self.state.prompter.session_len,
+        )
+        resp.data = msgspec.json.encode(ModelList(data=[card]))
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class HealthResource:
+    """200 only while the scheduler publishes status and says every worker is alive."""
+
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if not self.state.engine.alive:
+            raise service_unavailable("the engine (scheduler or a worker) is not running")
+        resp.status = falcon.HTTP_200
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.text = ""
+
+
+class OpenAPIResource:
+    def __init__(self, state: FrontendState) -> None:
+        self.spec = msgspec.json.encode(openapi_spec(state.model_name))
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.data = self.spec
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class DocsResource:
+    """Swagger UI, its assets served from this package (no CDN)."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.data = DOCS_PAGE.read_bytes()
+        resp.content_type = falcon.MEDIA_HTML
