@@ -16,7 +16,13 @@ from frontend.openapi import STATIC_DIR
 from frontend.prompts import Prompter
 from frontend.routes.chat import ChatCompletionsResource
 from frontend.routes.completions import CompletionsResource
-from frontend.routes.info import DocsResource, HealthResource, ModelsResource, OpenAPIResource
+from frontend.routes.info import (
+    DocsResource,
+    HealthResource,
+    MetricsResource,
+    ModelsResource,
+    OpenAPIResource,
+)
 from frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
 from frontend.state import FrontendState
 from shared.config import Config
@@ -25,7 +31,7 @@ from shared.model_info import read_model_info
 log = logging.getLogger("vlmserve.frontend")
 
 # Paths anyone may read without an API key.
-PUBLIC_PATHS = ("/health", "/openapi.json", "/docs", "/static", "/ui")
+PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/static", "/ui")
 
 
 class ApiKeyAuth:
@@ -88,6 +94,7 @@ def create_app(config: Config) -> falcon.asgi.App:
     app.add_route("/tokenize", TokenizeResource(state))
     app.add_route("/detokenize", DetokenizeResource(state))
     app.add_route("/health", HealthResource(state))
+    app.add_route("/metrics", MetricsResource(state))
     app.add_route("/openapi.json", OpenAPIResource(state))
     docs = DocsResource()
     app.add_route("/", docs)

@@ -74,6 +74,14 @@ class EngineClient:
         up = self.status is not None and self.status.workers_alive
         return self.connected.is_set() and fresh and up
 
+    async def ready(self, startup_wait: float = 10.0) -> bool:
+        """Whether the engine can take a request. A frontend that has not yet heard from the
+        scheduler (it just started) waits a little; one that lost it answers at once."""
+        deadline = time.monotonic() + startup_wait
+        while not (self.connected.is_set() and self.status) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.alive
+
     async def start(self, timeout: float | None = 30.0) -> None:
         """Subscribe and complete the hello round trip; raise EngineUnavailable on timeout
         (None: keep trying, for a frontend started before the scheduler)."""

@@ -81,7 +81,7 @@ class ChatCompletionsResource:
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
         sampling = to_sampling_params(body, default_max_tokens=room)
-        if not state.engine.alive:
+        if not await state.engine.ready():
             raise service_unavailable("the engine is not running")
         deltas = generate_choices(
             state.engine,

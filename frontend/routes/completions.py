@@ -69,7 +69,7 @@ class CompletionsResource:
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         rooms = [state.prompter.check_length(len(p), body.max_tokens) for p in prompts]
         sampling = to_sampling_params(body, default_max_tokens=min(rooms))
-        if not state.engine.alive:
+        if not await state.engine.ready():
             raise service_unavailable("the engine is not running")
         text = TextOptions(
             stop=stop_strings(body),

@@ -1,9 +1,10 @@
-"""GET /v1/models, GET /health, GET /openapi.json and the Swagger UI pages."""
+"""GET /v1/models, /health, /metrics, /openapi.json and the Swagger UI pages."""
 
 from __future__ import annotations
 
 import falcon.asgi
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from frontend.errors import service_unavailable
 from frontend.openapi import DOCS_PAGE, openapi_spec
@@ -33,7 +34,7 @@ class HealthResource:
         self.state = state
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if not self.state.engine.alive:
+        if not await self.state.engine.ready():
             raise service_unavailable("the engine (scheduler or a worker) is not running")
         resp.status = falcon.HTTP_200
         resp.content_type = falcon.MEDIA_TEXT
@@ -55,3 +56,30 @@ class DocsResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.data = DOCS_PAGE.read_bytes()
         resp.content_type = falcon.MEDIA_HTML
+
+
+class MetricsResource:
+    """Prometheus text format: the engine's latest status, as this frontend last heard it."""
+
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+        self.registry = CollectorRegistry()
+        gauge = lambda name, text: Gauge(f"vlmserve_{name}", text, registry=self.registry)  # noqa: E731
+        self.gauges = {
+            "workers_alive": gauge("engine_alive", "1 while the scheduler and workers run"),
+            "num_running": gauge("num_requests_running", "sequences in the running batch"),
+            "num_waiting": gauge("num_requests_waiting", "sequences waiting for KV blocks"),
+            "free_blocks": gauge("kv_free_blocks", "free KV cache blocks"),
+            "steps": gauge("engine_steps", "engine steps since start"),
+            "preemptions": gauge("preemptions", "preemptions since start"),
+        }
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        status = self.state.engine.status
+        for field, gauge in self.gauges.items():
+            if field == "workers_alive":
+                gauge.set(1 if self.state.engine.alive else 0)
+            else:
+                gauge.set(getattr(status, field) if status is not None else 0)
+        resp.data = generate_latest(self.registry)
+        resp.content_type = CONTENT_TYPE_LATEST

@@ -1,0 +1,64 @@
+"""Helpers for end-to-end tests of the real server (all processes, real sockets)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import torch
+import transformers
+from hf_reference import hf_greedy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):  # noqa: ANN001, ANN201
+    """Poll `predicate` until it returns something truthy; fail loudly after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: last {value!r}")
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The server's /metrics gauges by name."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("vlmserve_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+class ChatReference:
+    """What transformers generates greedily for a chat, tokenized as the model's processor does
+    (the tokenizer's own BOS, then the rendered template)."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text)["input_ids"]
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return [tokens for tokens, _ in hf_greedy(self.model_dir, prompts, max_new_tokens)]
+
+    def text(self, token_ids: list[int]) -> str:
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode([t for t in token_ids if t != eos], skip_special_tokens=True)
+
+
+torch.set_num_threads(1)  # the server's processes need the cores more than the test does
