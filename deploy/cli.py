@@ -1,6 +1,7 @@
 """The `vlmserve` command: one subcommand per process kind, plus tools.
 
     vlmserve serve api_server MODEL     every process below, as one server (the usual way)
+    vlmserve serve api_client URL       chat with a running server in the terminal
     vlmserve scheduler [flags]          the scheduler process
     vlmserve worker --rank R [flags]    one worker process (one device)
     vlmserve frontend [flags]           the Gunicorn frontends (HTTP), joining a scheduler
@@ -54,10 +55,18 @@ def run_frontend(argv: list[str]) -> int:
 
 def run_serve(argv: list[str]) -> int:
     """`vlmserve serve api_server MODEL [flags]`: start everything, stop it all on a signal."""
+    if argv and argv[0] == "api_client":
+        from frontend.chat_cli import main as chat_main
+
+        return chat_main(argv[1:])
     from deploy.launcher import resolve_model, server
 
     if not argv or argv[0] != "api_server":
-        print("usage: vlmserve serve api_server MODEL [flags]", file=sys.stderr)
+        print(
+            "usage: vlmserve serve api_server MODEL [flags] | "
+            "vlmserve serve api_client URL [--api-key KEY]",
+            file=sys.stderr,
+        )
         return 2
     parser = argparse.ArgumentParser(
         prog="vlmserve serve api_server",
