@@ -44,6 +44,15 @@ HELP: dict[str, str] = {
     "frontend_workers": "number of Gunicorn worker processes (frontends)",
     "api_keys": "comma-separated API keys; empty means no authentication",
     "max_body_mb": "largest request body the HTTP server accepts, in MiB (413 above)",
+    "allowed_local_media_path": "images may be local paths or file:// URLs only under this "
+    "directory; empty refuses them",
+    "allowed_media_domains": "comma-separated hosts fetched even when they resolve to private, "
+    "loopback or link-local addresses",
+    "limit_mm_per_prompt": "most images in one request",
+    "image_fetch_timeout": "seconds an image fetch may take in all (redirects and body included)",
+    "image_max_bytes": "largest image accepted, in bytes (fetched, decoded data: URL or file)",
+    "image_max_pixels": "largest image accepted, in pixels (width * height), before decoding",
+    "image_max_redirects": "most HTTP redirects followed when fetching an image",
 }
 
 
@@ -75,6 +84,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     frontend_workers: int = 1
     api_keys: str = ""
     max_body_mb: int = 32
+    allowed_local_media_path: str = ""
+    allowed_media_domains: str = ""
+    limit_mm_per_prompt: int = 8
+    image_fetch_timeout: float = 10.0
+    image_max_bytes: int = 20 * 2**20
+    image_max_pixels: int = 40_000_000
+    image_max_redirects: int = 3
 
     def __post_init__(self) -> None:
         checks = [
