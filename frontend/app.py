@@ -24,6 +24,7 @@ from frontend.routes.info import (
     OpenAPIResource,
 )
 from frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
+from frontend.routes.ui import UIResource
 from frontend.state import FrontendState
 from shared.config import Config
 from shared.model_info import read_model_info
@@ -99,5 +100,6 @@ def create_app(config: Config) -> falcon.asgi.App:
     docs = DocsResource()
     app.add_route("/", docs)
     app.add_route("/docs", docs)
+    app.add_route("/ui", UIResource())
     app.add_static_route("/static", str(STATIC_DIR))
     return app
