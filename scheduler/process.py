@@ -21,6 +21,7 @@ from scheduler.scheduler import Scheduler
 from shared.config import Config
 from shared.logs import setup_logging
 from shared.messages import (
+    ERROR,
     STATUS_TOPIC,
     Abort,
     EngineMsg,
@@ -160,24 +161,28 @@ class Engine:
 
     def drain_requests(self) -> None:
         while self.requests.poll(0):
-            msg = self.frontend_codec.decode(self.requests.recv())
+            head, *frames = self.requests.recv_multipart()
+            msg = self.frontend_codec.decode(head)
             match msg:
                 case Hello(frontend_id=frontend_id):
                     self.topic_seq[frontend_id] = 0
                     self.publish(frontend_id, HelloAck(0))
                 case Submit():
-                    self.submit(msg)
+                    self.submit(msg, frames)
                 case Abort(request_id=request_id):
                     if self.scheduler is not None:
                         self.scheduler.abort(request_id)
 
-    def submit(self, msg: Submit) -> None:
+    def submit(self, msg: Submit, frames: list[bytes]) -> None:
+        expected = sum(len(image.arrays) for image in msg.images)
         if self.scheduler is None:
-            error = RequestOutput(
-                msg.request_id, [], finish_reason="error", error="engine is starting"
-            )
+            problem = "the engine is starting"
+            error = RequestOutput(msg.request_id, [], finish_reason=ERROR, error=problem)
+        elif len(frames) != expected:
+            problem = f"expected {expected} image array frames, got {len(frames)}"
+            error = RequestOutput(msg.request_id, [], finish_reason=ERROR, error=problem)
         else:
-            error = self.scheduler.add(msg)
+            error = self.scheduler.add(msg, frames)
         if error is not None:
             self.publish_outputs({msg.frontend_id: [error]})
 
@@ -188,9 +193,9 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return
-        data = self.plan_codec.encode(plan)
+        message = [self.plan_codec.encode(plan), *self.scheduler.plan_frames(plan)]
         for sock in self.plans:
-            sock.send(data)
+            sock.send_multipart(message)
         self.in_flight = time.perf_counter()
         self.stats.scheduler_s += self.in_flight - started
 

@@ -6,7 +6,7 @@ import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from shared.messages import SamplingParams
+from shared.messages import ImageMeta, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -41,6 +41,8 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hit of the first admission, for usage reports
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    images: list[ImageMeta] = field(default_factory=list)
+    image_frames: list = field(default_factory=list)  # raw array frames, sent on each admission
 
     @property
     def num_tokens(self) -> int:

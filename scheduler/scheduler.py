@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from scheduler.block_manager import BlockManager
@@ -19,6 +20,7 @@ from shared.messages import (
     ERROR,
     LENGTH,
     STOP,
+    ImageMeta,
     NewSeq,
     RequestOutput,
     SeqStep,
@@ -26,6 +28,22 @@ from shared.messages import (
     StepResult,
     Submit,
 )
+
+
+def image_block_keys(images: list[ImageMeta], block_size: int) -> list[Hashable] | None:
+    """Per-block extra prefix-cache keys: the hashes of the images each block's tokens show.
+
+    Blocks after an image inherit it through the chained block hash; blocks before it need
+    nothing; so only the blocks an image's placeholders fall in get its hash.
+    """
+    if not images:
+        return None
+    last = max(img.offset + img.length for img in images)
+    keys: list[Hashable] = [None] * (-(-last // block_size))
+    for img in images:
+        for block in range(img.offset // block_size, -(-(img.offset + img.length) // block_size)):
+            keys[block] = (*(keys[block] or ()), img.hash)
+    return keys
 
 
 @dataclass(slots=True)
@@ -99,8 +117,11 @@ class Scheduler:
 
     # ---- requests in -------------------------------------------------------------------------
 
-    def add(self, submit: Submit) -> RequestOutput | None:
-        """Queue a request, or return its ERROR output if it can never run."""
+    def add(self, submit: Submit, image_frames: list | None = None) -> RequestOutput | None:
+        """Queue a request, or return its ERROR output if it can never run.
+
+        `image_frames` are the arrays of `submit.images`, passed on to the workers untouched.
+        """
         error = self._check(submit)
         if error is not None:
             return RequestOutput(submit.request_id, [], finish_reason=ERROR, error=error)
@@ -113,6 +134,9 @@ class Scheduler:
             prompt_len=len(submit.token_ids),
             sampling=sp,
             seed=seed,
+            extra_keys=image_block_keys(submit.images, self.block_manager.block_size),
+            images=list(submit.images),
+            image_frames=list(image_frames or []),
         )
         self._requests[req.request_id] = req
         self.waiting.append(req)
@@ -195,7 +219,14 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(req)
             new_seqs.append(
-                NewSeq(req.seq_id, list(req.token_ids), req.prompt_len, req.sampling, req.seed)
+                NewSeq(
+                    req.seq_id,
+                    list(req.token_ids),
+                    req.prompt_len,
+                    req.sampling,
+                    req.seed,
+                    req.images,
+                )
             )
             seqs.append(self._step(req, n, known=False))
             scheduled.append(_Scheduled(req, req.seq_id, req.num_computed, seqs[-1].sample))
@@ -208,6 +239,13 @@ class Scheduler:
         self._in_flight = scheduled
         self._in_flight_step = plan.step_id
         return plan
+
+    def plan_frames(self, plan: StepPlan) -> list:
+        """The image array frames that follow `plan`: those of its new sequences, in order."""
+        if not any(new.images for new in plan.new_seqs):
+            return []
+        by_seq = {r.seq_id: r for r in self.running}
+        return [f for new in plan.new_seqs for f in by_seq[new.seq_id].image_frames]
 
     def _admit(self, req: Request, budget: int) -> int:
         """Take cached prefix blocks and blocks for the first chunk; return its size (0: none)."""

@@ -38,6 +38,28 @@ class SamplingParams(msgspec.Struct, frozen=True, **HOT):
     logit_bias: dict[int, float] = {}
 
 
+class ArrayMeta(msgspec.Struct, frozen=True, **HOT):
+    """An array that travels as its own ZeroMQ frame after the message (raw bytes, no pickle)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class ImageMeta(msgspec.Struct, frozen=True, **HOT):
+    """One image of a prompt: its placeholder tokens are token_ids[offset:offset + length].
+
+    `hash` is of the image's content: the workers' encoder cache and the prefix cache key on
+    it, so two images behind the same placeholder ids are never confused. Its preprocessed
+    arrays (pixel values, sizes, grids) follow the message as frames, in order.
+    """
+
+    hash: str
+    offset: int
+    length: int
+    arrays: list[ArrayMeta]
+
+
 # ---- frontend -> scheduler ------------------------------------------------------------------
 
 
@@ -52,6 +74,7 @@ class Submit(msgspec.Struct, tag=True, **HOT):
     frontend_id: str
     token_ids: list[int]
     sampling: SamplingParams
+    images: list[ImageMeta] = []
 
 
 class Abort(msgspec.Struct, tag=True, **HOT):
@@ -127,6 +150,7 @@ class NewSeq(msgspec.Struct, **HOT):
     prompt_len: int
     sampling: SamplingParams
     seed: int
+    images: list[ImageMeta] = []  # their arrays follow the StepPlan as frames, in order
 
 
 class SeqStep(msgspec.Struct, **HOT):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from workers.layers.linear import load_whole
-from workers.models.registry import model_class
+from workers.models.registry import build_model
 
 log = logging.getLogger("vlmserve.loader")
 
@@ -31,6 +31,10 @@ def load_hf_config(model_dir: str) -> transformers.PretrainedConfig:
 
 def _target(model: nn.Module, name: str) -> tuple[str, object]:
     """The parameter name a checkpoint tensor loads into, and its shard id (or None)."""
+    if hasattr(model, "map_checkpoint_name"):
+        name = model.map_checkpoint_name(name)
+    if not name.startswith(getattr(model, "packed_prefix", "")):
+        return name, None
     for ckpt_part, (param_part, shard_id) in getattr(model, "packed_modules", {}).items():
         if f".{ckpt_part}." in name:
             return name.replace(f".{ckpt_part}.", f".{param_part}."), shard_id
@@ -70,11 +74,11 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
     config = load_hf_config(model_dir)
-    cls = model_class((config.architectures or ["?"])[0])
+    architecture = (config.architectures or ["?"])[0]
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(config)
+            model = build_model(config, architecture)
     finally:
         torch.set_default_dtype(torch.float32)
     load_weights(model, model_dir)

@@ -14,6 +14,7 @@ from torch import nn
 
 from shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResult
 from workers.forward_context import DecodeGroup, ForwardContext, PrefillSpan, step_context
+from workers.multimodal import ImageInputs, SeqImage, SeqPositions
 from workers.sampler import SamplingInput, sample
 
 DECODE_GROUP = 16  # decodes attended together; see ModelRunner._decode_groups
@@ -26,6 +27,8 @@ class SeqState:
     sampling: SamplingParams
     seed: int
     block_table: list[int] = field(default_factory=list)
+    images: list[SeqImage] = field(default_factory=list)
+    mrope: SeqPositions | None = None  # Qwen2-VL's multimodal positions
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Batch:
     """The flattened inputs of one step."""
 
     input_ids: torch.Tensor  # [tokens]
-    positions: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens], or [3, tokens] for multimodal RoPE
+    input_embeds: torch.Tensor | None  # [tokens, hidden] when images are in the step
     context: ForwardContext
     sample_rows: torch.Tensor  # [sampling seqs] index of each sampling seq's last token
     sample_seq_ids: list[int]
@@ -48,12 +52,17 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.seqs: dict[int, SeqState] = {}
+        self.images = ImageInputs(model, device) if hasattr(model, "vision") else None
 
-    def update_states(self, plan: StepPlan) -> None:
+    def update_states(self, plan: StepPlan, frames: list) -> None:
         for seq_id in plan.freed_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new_seqs:
             self.seqs[new.seq_id] = self._new_state(new)
+        if self.images is not None and plan.new_seqs:
+            arrived = self.images.arrive(plan.new_seqs, frames)
+            for seq_id, (images, mrope) in arrived.items():
+                self.seqs[seq_id].images, self.seqs[seq_id].mrope = images, mrope
         for step in plan.seqs:
             state = self.seqs[step.seq_id]
             state.token_ids.extend(step.new_token_ids)
@@ -79,12 +88,18 @@ class ModelRunner:
         decode_steps: list[SeqStep] = []
         sample_rows: list[int] = []
         sample_seq_ids: list[int] = []
+        image_spans = []
         for step in steps:
             state = self.seqs[step.seq_id]
             start, end = step.start, step.start + step.num_tokens
             row = len(input_ids)
             input_ids.extend(state.token_ids[start:end])
-            positions.append(torch.arange(start, end))
+            if state.mrope is not None:
+                positions.append(state.mrope.span(start, end))
+            else:
+                positions.append(torch.arange(start, end))
+            if state.images:
+                image_spans.append((row, start, end, state.images))
             ctx_slots = self._slots(state.block_table, 0, end)
             slot_mapping.append(ctx_slots[start:])
             if step.num_tokens == 1 and start > 0:
@@ -101,9 +116,11 @@ class ModelRunner:
             prefills=[self._to_device(p) for p in prefills],
             decodes=self._decode_groups(decode_rows, decode_steps),
         )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return Batch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            positions=torch.cat(positions).to(self.device),
+            input_ids=ids,
+            positions=torch.cat(positions, dim=-1).to(self.device),
+            input_embeds=self.images.embed(ids, image_spans) if image_spans else None,
             context=context,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sample_seq_ids=sample_seq_ids,
@@ -152,15 +169,21 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run the plan's forward pass and sample every sequence whose step asks for it."""
+    def execute(self, plan: StepPlan, frames: list | None = None) -> StepResult:
+        """Run the plan's forward pass and sample every sequence whose step asks for it.
+
+        `frames` are the image arrays of the plan's new sequences, in order.
+        """
         started = time.perf_counter()
-        self.update_states(plan)
+        self.update_states(plan, frames or [])
         if not plan.seqs:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
         batch = self.build_batch(plan.seqs)
         with step_context(batch.context):
-            hidden = self.model(batch.input_ids, batch.positions)  # [tokens, hidden]
+            if batch.input_embeds is None:
+                hidden = self.model(batch.input_ids, batch.positions)  # [tokens, hidden]
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, batch.input_embeds)
         if not batch.sample_seq_ids:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float()  # [seqs, vocab]

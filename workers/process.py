@@ -84,10 +84,11 @@ def serve(config: Config) -> int:
         runner = ModelRunner(model, config.block_size, info.eos_token_ids, device)
         results.send(codec.encode(WorkerReady(config.rank, num_blocks, str(device))))
         while True:
-            msg = plan_codec.decode(plans.recv())
+            head, *frames = plans.recv_multipart()
+            msg = plan_codec.decode(head)
             match msg:
                 case StepPlan():
-                    result = runner.execute(msg)
+                    result = runner.execute(msg, frames)
                     if config.rank == 0:
                         results.send(codec.encode(result))
                 case Shutdown(reason=reason):

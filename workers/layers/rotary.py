@@ -38,20 +38,36 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to queries and keys at given positions, from a precomputed table."""
+    """Applies RoPE to queries and keys at given positions, from a precomputed table.
+
+    Positions are [tokens], or [3, tokens] for multimodal RoPE (Qwen2-VL): then the
+    frequencies are split into `mrope_section` chunks taking their angle from the temporal,
+    height and width position in turn, as transformers does.
+    """
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
         inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # [max_positions, head_dim // 2]; the two halves of a rotation share their angles
+        self.register_buffer("cos_half", freqs.cos() * scaling, persistent=False)
+        self.register_buffer("sin_half", freqs.sin() * scaling, persistent=False)
+        sections = rope_parameters(hf_config).get("mrope_section")
+        bounds = torch.tensor([0, *sections]).cumsum(0).tolist() if sections else []
+        self.mrope_chunks = list(zip(bounds[:-1], bounds[1:], strict=False))
+
+    def _angles(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if positions.dim() == 1:
+            half = table[positions]
+        else:
+            chunks = [table[positions[i % 3], a:b] for i, (a, b) in enumerate(self.mrope_chunks)]
+            half = torch.cat(chunks, dim=-1)
+        return torch.cat((half, half), dim=-1).unsqueeze(1)  # [tokens, 1, head_dim]
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos = self._angles(self.cos_half, positions).to(q.dtype)
+        sin = self._angles(self.sin_half, positions).to(q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from workers.models.vision import VISION_HALVES
+from workers.models.vlm import VisionLanguageModel
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -13,8 +17,11 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def model_class(architecture: str) -> type[nn.Module]:
+def build_model(hf_config: Any, architecture: str) -> nn.Module:
+    """Our model for a checkpoint's config (weights not loaded)."""
+    if architecture in VISION_HALVES:
+        return VisionLanguageModel(hf_config, architecture)
     if architecture not in MODELS:
-        supported = ", ".join(sorted(MODELS))
+        supported = ", ".join(sorted([*MODELS, *VISION_HALVES]))
         raise ValueError(f"unsupported architecture {architecture!r}; supported: {supported}")
-    return MODELS[architecture]
+    return MODELS[architecture](hf_config)

@@ -1,0 +1,176 @@
+"""Tiny random-weight vision-language checkpoints in real Hugging Face format, built offline.
+
+LLaVA-1.5 (`LlavaForConditionalGeneration`), LLaVA-NeXT (`LlavaNextForConditionalGeneration`),
+Qwen2-VL and Qwen2.5-VL, each with its image processor (PIL backend), tokenizer and chat
+template; and the original LLaVA repository format (`LlavaLlamaForCausalLM` naming a CLIP
+tower directory), written from a LLaVA-NeXT checkpoint with the same weights so the two can
+be compared. The weights are random: the models write noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import transformers
+
+from workers.demo_checkpoint import build_tokenizer
+
+log = logging.getLogger("vlmserve.demo_vlm")
+
+VISION_ARCHES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_original")
+
+TEXT = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, max_position_embeddings=4096, initializer_range=0.2,
+)  # fmt: skip
+CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+    image_size=28, patch_size=14, projection_dim=32, initializer_range=0.2,
+)  # fmt: skip
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+# The LLaVA chat template writes "<image>\n" before a user turn's text for each image part,
+# and no BOS (the tokenizer adds it), like the Vicuna-based LLaVA checkpoints.
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['content'] is string %}{% set parts = [{'type': 'text', 'text': m['content']}] %}"
+    "{% else %}{% set parts = m['content'] %}{% endif %}"
+    "{% if m['role'] == 'user' %}USER: {% elif m['role'] == 'assistant' %}ASSISTANT: {% endif %}"
+    "{% for p in parts %}{% if p['type'] in ['image', 'image_url'] %}<image>\n{% endif %}"
+    "{% endfor %}"
+    "{% for p in parts %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% if m['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] in ['image', 'image_url'] %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _fast_tokenizer(special: list[str], bos: str | None, eos: str, seed: int):  # noqa: ANN202
+    tok = build_tokenizer(512, special, bos, seed)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=special[0] if bos else None,
+        pad_token=special[0],
+        model_max_length=4096,
+    )
+
+
+def _save(
+    model: torch.nn.Module, out_dir: str, eos_id: int, pad_id: int, bos_id: int | None
+) -> None:
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
+    )
+    model.save_pretrained(out_dir)
+
+
+def build_llava(out_dir: str, next_: bool = False, seed: int = 0) -> str:
+    """LLaVA-1.5, or LLaVA-NeXT (any-resolution tiles and the image newline) with `next_`."""
+    tokenizer = _fast_tokenizer(["<unk>", "<s>", "</s>"], "<s>", "</s>", seed)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = transformers.LlamaConfig(**TEXT, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    vision = transformers.CLIPVisionConfig(**CLIP)
+    common = dict(
+        vision_config=vision, text_config=text, image_token_id=image_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )  # fmt: skip
+    size = {"shortest_edge": CLIP["image_size"]}
+    crop = {"height": CLIP["image_size"], "width": CLIP["image_size"]}
+    if next_:
+        config = transformers.LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS)
+        model_cls = transformers.LlavaNextForConditionalGeneration
+        images = transformers.LlavaNextImageProcessorPil(
+            size=size, crop_size=crop, image_grid_pinpoints=PINPOINTS
+        )
+        processor_cls = transformers.LlavaNextProcessor
+    else:
+        config = transformers.LlavaConfig(**common)
+        model_cls = transformers.LlavaForConditionalGeneration
+        images = transformers.CLIPImageProcessorPil(size=size, crop_size=crop)
+        processor_cls = transformers.LlavaProcessor
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if next_:  # the newline embedding is initialised to zeros-ish scale; make it count
+        with torch.no_grad():
+            model.model.image_newline.normal_(0, 0.5)
+    processor = processor_cls(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=CLIP["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=LLAVA_TEMPLATE,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    _save(model, out_dir, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+    processor.save_pretrained(out_dir)
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_qwen2_vl(out_dir: str, v2_5: bool = False, seed: int = 0) -> str:
+    """Qwen2-VL (or Qwen2.5-VL): dynamic resolution, 2x2 patch merging, multimodal RoPE."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = _fast_tokenizer(special, None, "<|im_end|>", seed)
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in vision_tokens}
+    # mrope_section splits head_dim / 2 = 8 rotary frequencies: temporal, height, width.
+    text = dict(
+        **TEXT, vocab_size=len(tokenizer), tie_word_embeddings=True, rope_theta=1000000.0,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vision = dict(
+        depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        in_channels=3, initializer_range=0.2,
+    )  # fmt: skip
+    if v2_5:
+        vision |= dict(hidden_size=32, intermediate_size=64, out_hidden_size=TEXT["hidden_size"],
+                       window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+        config_cls = transformers.Qwen2_5_VLConfig
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision |= dict(embed_dim=32, hidden_size=TEXT["hidden_size"], mlp_ratio=2)
+        config_cls = transformers.Qwen2VLConfig
+        model_cls = transformers.Qwen2VLForConditionalGeneration
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    images = transformers.Qwen2VLImageProcessorPil(
+        min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, patch_size=14, merge_size=2
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    eos = tokenizer.eos_token_id
+    _save(model, out_dir, eos, tokenizer.pad_token_id, None)
+    images.save_pretrained(out_dir)
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

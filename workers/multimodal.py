@@ -1,0 +1,149 @@
+"""Images in the worker: encode new ones (batched, cached by content), merge them into the
+token embeddings, and Qwen2-VL's multimodal positions.
+
+A sequence's images are encoded when the sequence arrives (every new image of a step in one
+batch, across requests); a prefill chunk then takes the rows of any image its tokens cover.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.arrays import from_frames
+from shared.messages import ImageMeta, NewSeq
+
+ENCODER_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class SeqImage:
+    offset: int  # its placeholders are token_ids[offset:offset + length]
+    length: int
+    features: torch.Tensor  # [length, hidden]
+
+
+@dataclass
+class SeqPositions:
+    """Qwen2-VL positions of a sequence's first tokens; later (text) ones are index + delta."""
+
+    known: torch.Tensor  # [3, tokens known when the sequence arrived]
+    delta: int
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        head = self.known[:, start:end]
+        rest = torch.arange(max(start, self.known.shape[1]), end) + self.delta
+        return torch.cat((head, rest.expand(3, -1)), dim=1)
+
+
+class EncoderCache:
+    """Vision encoder outputs by image content hash, least recently used dropped first."""
+
+    def __init__(self, max_bytes: int = ENCODER_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.entries[key] = value
+        self.bytes += value.numel() * value.element_size()
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def _split_frames(new_seqs: list[NewSeq], frames: list) -> list[list[tuple[ImageMeta, list]]]:
+    """Each new sequence's images with their own frames (they follow the plan in order)."""
+    out, cursor = [], 0
+    for new in new_seqs:
+        images = []
+        for meta in new.images:
+            images.append((meta, frames[cursor : cursor + len(meta.arrays)]))
+            cursor += len(meta.arrays)
+        out.append(images)
+    if cursor != len(frames):
+        raise ValueError(f"plan carried {len(frames)} image frames, its images name {cursor}")
+    return out
+
+
+class ImageInputs:
+    """The multimodal side of a ModelRunner for a VisionLanguageModel."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.cache = EncoderCache()
+
+    def arrive(
+        self, new_seqs: list[NewSeq], frames: list
+    ) -> dict[int, tuple[list[SeqImage], SeqPositions | None]]:
+        """Encode the images of newly arrived sequences that the cache lacks, in one batch."""
+        per_seq = _split_frames(new_seqs, frames)
+        todo: dict[str, dict[str, torch.Tensor]] = {}
+        for images in per_seq:
+            for meta, image_frames in images:
+                if meta.hash not in todo and self.cache.get(meta.hash) is None:
+                    arrays = from_frames(meta.arrays, image_frames)
+                    todo[meta.hash] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        if todo:
+            self._encode(todo)
+        return {
+            new.seq_id: (self._seq_images(images), self._positions(new, images))
+            for new, images in zip(new_seqs, per_seq, strict=True)
+        }
+
+    def _encode(self, todo: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.cache.misses += len(todo)
+        names = next(iter(todo.values())).keys()
+        batch = {n: torch.cat([a[n] for a in todo.values()]).to(self.device) for n in names}
+        features = self.model.vision(batch)
+        for key, value in zip(todo, features, strict=True):
+            self.cache.put(key, value)
+
+    def _seq_images(self, images: list[tuple[ImageMeta, list]]) -> list[SeqImage]:
+        out = []
+        for meta, _ in images:
+            features = self.cache.get(meta.hash)
+            if features.shape[0] != meta.length:
+                raise ValueError(
+                    f"image {meta.hash[:12]} encodes to {features.shape[0]} rows "
+                    f"for {meta.length} placeholder tokens"
+                )
+            out.append(SeqImage(meta.offset, meta.length, features))
+        return out
+
+    def _positions(self, new: NewSeq, images: list) -> SeqPositions | None:
+        if not self.model.uses_mrope:
+            return None
+        ids = torch.tensor(new.token_ids)
+        if not images:
+            return SeqPositions(torch.arange(len(ids)).expand(3, -1), 0)
+        grids = torch.cat([torch.from_numpy(np.array(from_frames(m.arrays, f)["image_grid_thw"]))
+                           for m, f in images])  # fmt: skip
+        positions, delta = self.model.vision.rope_index(ids, self.model.image_token_id, grids)
+        return SeqPositions(positions, delta)
+
+    def embed(
+        self, input_ids: torch.Tensor, spans: list[tuple[int, int, int, list[SeqImage]]]
+    ) -> torch.Tensor:
+        """Token embeddings with image rows put in: `spans` are (batch row, start, end,
+        images) of each sequence in the step."""
+        embeds = self.model.embed(input_ids)  # [tokens, hidden]
+        for row, start, end, images in spans:
+            for image in images:
+                a, b = max(start, image.offset), min(end, image.offset + image.length)
+                if a < b:
+                    rows = slice(row + a - start, row + b - start)
+                    embeds[rows] = image.features[a - image.offset : b - image.offset]
+        return embeds
