@@ -148,9 +148,11 @@ def test_api_key_then_a_streamed_answer_equal_to_the_api(page, srv: dict, api: A
     assert answer.locator(".content").text_content() == a1
     assert page.evaluate("window.answerUpdates") > 4, "the answer should arrive in pieces"
 
-    # The second turn is asked with the first one in the conversation.
+    # The second turn (sent with Enter) is asked with the first one in the conversation.
     u2 = "and tomorrow?"
-    answer = send(page, u2)
+    page.get_by_label("Message").fill(u2)
+    page.get_by_label("Message").press("Enter")
+    answer = page.locator(".message.assistant").nth(1)
     expect(answer).to_have_attribute("data-state", "done", timeout=STREAM_TIMEOUT_MS)
     history = [
         {"role": "user", "content": u1},
@@ -178,6 +180,18 @@ def test_an_image_for_a_text_model_shows_the_servers_error(
     Image.new("RGB", (48, 32), (200, 30, 30)).save(image)
     expect(page.get_by_label("Model")).to_have_value(model)  # the stored key was used
     settings(page, "0", "8")
+    # A pasted image is attached too, and can be removed again.
+    page.get_by_label("Message").evaluate(
+        """(box) => {
+            const data = new DataTransfer();
+            data.items.add(new File([new Uint8Array([137, 80, 78, 71])], "clip.png",
+                                    {type: "image/png"}));
+            box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data}));
+        }"""
+    )
+    expect(page.locator("#attachment-name")).to_have_text("clip.png")
+    page.get_by_role("button", name="Remove image").click()
+    expect(page.get_by_role("button", name="Remove image")).to_be_hidden()
     page.get_by_label("Attach image").set_input_files(str(image))
     expect(page.get_by_role("button", name="Remove image")).to_be_visible()
     send(page, "what is in this picture?")
