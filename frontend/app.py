@@ -12,6 +12,7 @@ import falcon.asgi
 from frontend.detokenizer import TokenTexts
 from frontend.engine_client import EngineClient
 from frontend.errors import invalid_api_key, register_error_handlers
+from frontend.images import make_client
 from frontend.openapi import STATIC_DIR
 from frontend.prompts import Prompter
 from frontend.routes.chat import ChatCompletionsResource
@@ -75,16 +76,19 @@ class EngineConnection:
         if self.task is not None:
             self.task.cancel()
         await self.state.engine.close()
+        await self.state.http.aclose()
 
 
 def create_app(config: Config) -> falcon.asgi.App:
     info = read_model_info(config.model)
-    prompter = Prompter(config.model, config.session_len or info.max_position_embeddings)
+    session_len = config.session_len or info.max_position_embeddings
+    prompter = Prompter(config.model, session_len, info.architecture)
     state = FrontendState(
         config=config,
         prompter=prompter,
         engine=EngineClient(config),
         token_texts=TokenTexts(prompter.tokenizer),
+        http=make_client(),
     )
     app = falcon.asgi.App(middleware=[EngineConnection(state), ApiKeyAuth(config.api_keys)])
     register_error_handlers(app)

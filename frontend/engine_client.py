@@ -28,6 +28,7 @@ from shared.messages import (
     FrontendMsg,
     Hello,
     HelloAck,
+    ImageMeta,
     RequestOutput,
     SamplingParams,
     Submit,
@@ -136,11 +137,17 @@ class EngineClient:
                 queue.put_nowait(output)
 
     async def generate(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        images: list[ImageMeta] | None = None,
+        frames: list | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit one request and yield its outputs until one carries a finish reason.
 
-        Leaving the iteration early (a client that disconnects, a stop string) aborts it.
+        `frames` are the arrays of `images`, in order. Leaving the iteration early (a client
+        that disconnects, a stop string) aborts the request.
         """
         if not self.alive:
             raise EngineUnavailable("the engine is not running")
@@ -148,7 +155,8 @@ class EngineClient:
         self.queues[request_id] = queue
         finished = False
         try:
-            await self._send(Submit(request_id, self.frontend_id, token_ids, sampling))
+            submit = Submit(request_id, self.frontend_id, token_ids, sampling, images or [])
+            await self.push.send_multipart([self.codec.encode(submit), *(frames or [])])
             while not finished:
                 output = await self._next(queue)
                 finished = output.finish_reason is not None

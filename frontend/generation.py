@@ -10,16 +10,36 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
 from frontend.detokenizer import TextStream, Tokenizer
 from frontend.engine_client import EngineClient
 from frontend.errors import APIError, service_unavailable
-from shared.messages import ERROR, SamplingParams, TokenLogprob
+from frontend.multimodal import ProcessedImage
+from shared.arrays import to_frames
+from shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
 
 _request_numbers = itertools.count()
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    """A prompt as the engine takes it: token ids, and its images with their array frames."""
+
+    token_ids: list[int]
+    images: list[ImageMeta] = field(default_factory=list)
+    frames: list = field(default_factory=list)
+
+    @classmethod
+    def with_images(cls, token_ids: list[int], images: list[ProcessedImage]) -> EnginePrompt:
+        metas, frames = [], []
+        for image in images:
+            array_metas, array_frames = to_frames(image.arrays)
+            metas.append(ImageMeta(image.hash, image.offset, image.length, array_metas))
+            frames.extend(array_frames)
+        return cls(token_ids, metas, frames)
 
 
 @dataclass(frozen=True)
@@ -59,12 +79,13 @@ async def _run_choice(
     engine: EngineClient,
     request_id: str,
     index: int,
-    prompt_ids: list[int],
+    prompt: EnginePrompt,
     sampling: SamplingParams,
     stream: TextStream,
     out: asyncio.Queue,
 ) -> None:
-    async with aclosing(engine.generate(request_id, prompt_ids, sampling)) as outputs:
+    outputs = engine.generate(request_id, prompt.token_ids, sampling, prompt.images, prompt.frames)
+    async with aclosing(outputs):
         async for output in outputs:
             if output.finish_reason == ERROR:
                 raise EngineError(output.error or "the engine failed this request")
@@ -83,7 +104,7 @@ async def _run_choice(
 async def generate_choices(
     engine: EngineClient,
     tokenizer: Tokenizer,
-    prompts: list[list[int]],
+    prompts: list[EnginePrompt],
     sampling: SamplingParams,
     n: int,
     text: TextOptions,
@@ -95,11 +116,11 @@ async def generate_choices(
     queue: asyncio.Queue = asyncio.Queue()
     base = f"{engine.frontend_id}-{next(_request_numbers)}"
     tasks = []
-    for p, prompt_ids in enumerate(prompts):
+    for p, prompt in enumerate(prompts):
         for j in range(n):
             stream = TextStream(
                 tokenizer,
-                prompt_ids,
+                prompt.token_ids,
                 text.stop,
                 text.include_stop_str_in_output,
                 text.skip_special_tokens,
@@ -107,7 +128,7 @@ async def generate_choices(
             )
             index = p * n + j
             job = _run_choice(
-                engine, f"{base}-{index}", index, prompt_ids, _choice_sampling(sampling, j),
+                engine, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
                 stream, queue,
             )  # fmt: skip
             tasks.append(asyncio.create_task(job))

@@ -6,17 +6,20 @@ from typing import Any
 
 import msgspec
 import transformers
+from PIL import Image
 
 from frontend.errors import bad_request
+from frontend.multimodal import ProcessedImage, image_processor_for
 from frontend.schemas import ChatMessage, ImagePart
 
 
 class Prompter:
     """The model's tokenizer and chat template, and the session length prompts must fit."""
 
-    def __init__(self, model_dir: str, session_len: int) -> None:
+    def __init__(self, model_dir: str, session_len: int, architecture: str) -> None:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.session_len = session_len
+        self.images = image_processor_for(model_dir, architecture)  # None: text only
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{model_dir} has no chat template; /v1/chat/completions needs one")
 
@@ -24,11 +27,13 @@ class Prompter:
         """The conversation as the chat template writes it."""
         dicts: list[dict[str, Any]] = []
         for message in messages:
-            if isinstance(message.content, list) and any(
-                isinstance(part, ImagePart) for part in message.content
-            ):
-                raise bad_request("this model does not accept images", "messages")
             turn = msgspec.to_builtins(message)
+            if isinstance(message.content, list):
+                # Templates of Hugging Face processors expect {"type": "image"} parts.
+                turn["content"] = [
+                    {"type": "image"} if isinstance(part, ImagePart) else msgspec.to_builtins(part)
+                    for part in message.content
+                ]
             dicts.append({k: v for k, v in turn.items() if v is not None})
         return self.tokenizer.apply_chat_template(
             dicts, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -50,8 +55,18 @@ class Prompter:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
-        return self.encode_rendered(self.render_chat(messages))
+    def chat_inputs(
+        self, messages: list[ChatMessage], images: list[Image.Image]
+    ) -> tuple[list[int], list[ProcessedImage]]:
+        """The prompt's token ids (image placeholders expanded) and its processed images."""
+        text = self.render_chat(messages)
+        if not images:
+            return self.encode_rendered(text), []
+        try:
+            return self.images.process(text, images)
+        except ValueError as exc:  # placeholders and images that do not pair up
+            message = f"could not place the images in the prompt: {exc}"
+            raise bad_request(message, "messages") from exc
 
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the session."""

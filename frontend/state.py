@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import falcon.asgi
+import httpx
 
 from frontend.detokenizer import TokenTexts
 from frontend.engine_client import EngineClient
@@ -25,6 +26,7 @@ class FrontendState:
     prompter: Prompter
     engine: EngineClient
     token_texts: TokenTexts
+    http: httpx.AsyncClient  # image fetches
     created: int = int(time.time())
 
     @property

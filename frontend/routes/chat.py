@@ -11,8 +11,9 @@ import falcon.asgi
 import msgspec
 from falcon.asgi import SSEvent
 
-from frontend.errors import APIError, service_unavailable
-from frontend.generation import ChoiceDelta, TextOptions, generate_choices
+from frontend.errors import APIError, bad_request, service_unavailable
+from frontend.generation import ChoiceDelta, EnginePrompt, TextOptions, generate_choices
+from frontend.images import load_images
 from frontend.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -22,7 +23,9 @@ from frontend.schemas import (
     ChatCompletionRequest,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
+    ImagePart,
     TopLogprob,
     decode_request,
     make_usage,
@@ -64,6 +67,17 @@ def chat_logprobs(
     )
 
 
+def image_urls(messages: list[ChatMessage]) -> list[str]:
+    """Every image of the conversation, in order (a part's URL may be an object or a string)."""
+    urls = []
+    for message in messages:
+        for part in message.content if isinstance(message.content, list) else []:
+            if isinstance(part, ImagePart):
+                url = part.image_url
+                urls.append(url if isinstance(url, str) else url.url)
+    return urls
+
+
 def sse(payload: msgspec.Struct | bytes) -> SSEvent:
     data = payload if isinstance(payload, bytes) else encoder.encode(payload)
     return SSEvent(data=data)
@@ -77,20 +91,22 @@ class ChatCompletionsResource:
         state = self.state
         body = decode_request(await state.read_body(req), ChatCompletionRequest)
         state.check_model(body.model)
-        prompt_ids = await state.off_loop(state.prompter.chat_ids, body.messages)
+        urls = image_urls(body.messages)
+        if urls and state.prompter.images is None:
+            raise bad_request("this model does not accept images", "messages")
+        images = await load_images(urls, state.config, state.http) if urls else []
+        prompt_ids, processed = await state.off_loop(
+            state.prompter.chat_inputs, body.messages, images
+        )
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
         sampling = to_sampling_params(body, default_max_tokens=room)
         if not await state.engine.ready():
             raise service_unavailable("the engine is not running")
-        deltas = generate_choices(
-            state.engine,
-            state.prompter.tokenizer,
-            [prompt_ids],
-            sampling,
-            body.n,
-            text_options(body),
-        )
+        prompt = EnginePrompt.with_images(prompt_ids, processed)
+        tokenizer = state.prompter.tokenizer
+        options = text_options(body)
+        deltas = generate_choices(state.engine, tokenizer, [prompt], sampling, body.n, options)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             resp.sse = self.stream(body, deltas, reply_id, created, len(prompt_ids))

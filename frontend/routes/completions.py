@@ -11,7 +11,7 @@ import falcon.asgi
 from falcon.asgi import SSEvent
 
 from frontend.errors import APIError, bad_request, service_unavailable
-from frontend.generation import ChoiceDelta, TextOptions, generate_choices
+from frontend.generation import ChoiceDelta, EnginePrompt, TextOptions, generate_choices
 from frontend.routes.chat import encoder, sse
 from frontend.schemas import (
     Completion,
@@ -77,9 +77,9 @@ class CompletionsResource:
             skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens,
         )
-        deltas = generate_choices(
-            state.engine, state.prompter.tokenizer, prompts, sampling, body.n, text
-        )
+        engine_prompts = [EnginePrompt(p) for p in prompts]
+        tokenizer = state.prompter.tokenizer
+        deltas = generate_choices(state.engine, tokenizer, engine_prompts, sampling, body.n, text)
         echoes = [state.prompter.tokenizer.decode(p) if body.echo else "" for p in prompts]
         reply = Completion(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,

@@ -1,0 +1,190 @@
+"""Vision-language models through the real server and the real `openai` client.
+
+For each architecture, 8 requests in flight at once (one image, two images, text only,
+images by data URL and by http URL from a local server) must give transformers' greedy
+answer for the same processor and chat template, with exact `usage.prompt_tokens` (image
+tokens counted as the HF processor counts them). A second round sends the same images
+again, now served from the workers' encoder cache and the prefix cache: same answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import threading
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from server_fixtures import free_port
+from vlm_reference import VLMReference, data_url
+
+from deploy.launcher import server
+from shared.config import Config, new_run_id
+from workers.demo_vlm import build_llava, build_qwen2_vl
+
+MAX_NEW = 12
+
+
+def make_images() -> list[Image.Image]:
+    """The same three images on every call (seeded noise, a flat colour, a gradient)."""
+    noise = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    return [
+        Image.fromarray(noise),
+        Image.new("RGB", (30, 70), (10, 200, 30)),
+        Image.linear_gradient("L").resize((64, 64)).convert("RGB"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory):
+    """Serves the test images over http on 127.0.0.1 (allowed by --allowed-media-domains)."""
+    root = tmp_path_factory.mktemp("images")
+    for i, img in enumerate(make_images()):
+        img.save(root / f"{i}.png")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+BUILDERS = {
+    "llava": lambda d: build_llava(d),
+    "llava_next": lambda d: build_llava(d, next_=True),
+    "qwen2_vl": lambda d: build_qwen2_vl(d),
+    "qwen2_5_vl": lambda d: build_qwen2_vl(d, v2_5=True),
+}
+
+
+def requests(image_url: str) -> list[tuple[list[dict], list[int]]]:
+    """(messages, indices of the test images they show), 8 of them."""
+    one = lambda i, text: [  # noqa: E731
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"IMG{i}"}},
+                                     {"type": "text", "text": text}]}
+    ]  # fmt: skip
+    two = [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "IMG0"}},
+            {"type": "text", "text": "compare these"},
+            {"type": "image_url", "image_url": "IMG1"},
+        ]}
+    ]  # fmt: skip
+    text_only = [{"role": "user", "content": "no picture here, just words"}]
+    follow_up = [
+        *one(2, "what is it"),
+        {"role": "assistant", "content": "a gradient"},
+        {"role": "user", "content": "and the colours?"},
+    ]
+    return [
+        (one(0, "describe"), [0]),
+        (two, [0, 1]),
+        (text_only, []),
+        (one(1, "what colour"), [1]),
+        (one(2, "tell me"), [2]),
+        (follow_up, [2]),
+        (one(0, "again, describe"), [0]),
+        (two, [0, 1]),
+    ]
+
+
+def with_urls(messages: list[dict], by_http: bool, base: str) -> list[dict]:
+    images = make_images()
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [dict(p) for p in content]
+            for p in content:
+                if p["type"] == "image_url":
+                    key = (
+                        p["image_url"]["url"]
+                        if isinstance(p["image_url"], dict)
+                        else p["image_url"]
+                    )
+                    i = int(key[3:])
+                    url = f"{base}/{i}.png" if by_http else data_url(images[i])
+                    p["image_url"] = {"url": url} if isinstance(p["image_url"], dict) else url
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_vlm_matches_transformers(
+    arch: str, tmp_path_factory: pytest.TempPathFactory, image_server: str
+) -> None:
+    root = tmp_path_factory.mktemp(arch)
+    model_dir = BUILDERS[arch](str(root / "ckpt"))
+    ref = VLMReference(model_dir)
+    images = make_images()
+    cases = requests("")
+    expected = [ref.greedy(msgs, [images[i] for i in idx], MAX_NEW) for msgs, idx in cases]
+    texts = [ref.text(tokens) for _, tokens in expected]
+    del ref  # free its memory before the server starts
+    config = Config(
+        model=model_dir, run_id=new_run_id(), ipc_dir=str(root), server_name="127.0.0.1",
+        server_port=free_port(), allowed_media_domains="127.0.0.1", log_level="WARNING",
+        num_kv_blocks=256,
+    )  # fmt: skip
+
+    async def ask_all(url: str) -> list:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        try:
+            jobs = [
+                client.chat.completions.create(
+                    model="ckpt",
+                    messages=with_urls(msgs, i % 2 == 1, image_server),
+                    max_tokens=MAX_NEW,
+                    temperature=0,
+                )  # fmt: skip
+                for i, (msgs, _) in enumerate(cases)
+            ]
+            return await asyncio.gather(*jobs)
+        finally:
+            await client.close()
+
+    with server(config, os.path.join(str(root), "server.log")) as srv:
+        first = asyncio.run(ask_all(srv["url"]))
+        again = asyncio.run(ask_all(srv["url"]))  # same images: from the encoder cache
+    for i, (reply, (prompt_len, tokens)) in enumerate(zip(first, expected, strict=True)):
+        label = f"{arch} request {i} ({len(cases[i][1])} images)"
+        assert reply.usage.prompt_tokens == prompt_len, f"{label}: prompt tokens"
+        assert reply.choices[0].message.content == texts[i], (
+            f"{label}: differs from transformers' greedy tokens {tokens}"
+        )
+        assert reply.usage.completion_tokens == len(tokens), label
+    assert [r.choices[0].message.content for r in again] == [
+        r.choices[0].message.content for r in first
+    ]
+
+
+def test_text_model_refuses_images(checkpoints: dict, tmp_path_factory) -> None:  # noqa: ANN001
+    root = tmp_path_factory.mktemp("textonly")
+    config = Config(
+        model=checkpoints["llama"], run_id=new_run_id(), ipc_dir=str(root),
+        server_name="127.0.0.1", server_port=free_port(), log_level="WARNING",
+    )  # fmt: skip
+    img = data_url(make_images()[0])
+    with server(config, os.path.join(str(root), "server.log")) as srv:
+        client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model="llama", max_tokens=4,
+                messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": img}},
+                    {"type": "text", "text": "what is it"}]}],
+            )  # fmt: skip
+        assert "does not accept images" in err.value.body["message"]
+        ok = client.chat.completions.create(
+            model="llama", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert ok.usage.completion_tokens >= 1

@@ -1,0 +1,79 @@
+"""Greedy references for vision-language checkpoints from Hugging Face transformers.
+
+The prompt is made the way each model's processor makes it: LLaVA's AutoProcessor; for
+Qwen2-VL the image processor plus the processor's placeholder expansion (its AutoProcessor
+needs torchvision for video, which has no build for this torch), and `mm_token_type_ids`,
+without which transformers 5's Qwen2-VL `generate` silently builds the wrong positions.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+
+def data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI-style messages as processor chat templates take them ({"type": "image"})."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class VLMReference:
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self.config = transformers.AutoConfig.from_pretrained(model_dir)
+        self.arch = self.config.architectures[0]
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.model = transformers.AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=torch.float32
+        ).eval()
+
+    def inputs(self, messages: list[dict], images: list[Image.Image]) -> dict:
+        text = self.tokenizer.apply_chat_template(
+            template_messages(messages), tokenize=False, add_generation_prompt=True
+        )
+        if "Qwen" not in self.arch:
+            processor = transformers.AutoProcessor.from_pretrained(self.model_dir)
+            return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        extra = {}
+        if images:
+            ip = transformers.AutoImageProcessor.from_pretrained(self.model_dir)
+            extra = dict(ip(images=images, return_tensors="pt"))
+            pad = "<|image_pad|>"
+            parts = text.split(pad)
+            counts = [int(np.prod(g.tolist())) // ip.merge_size**2 for g in extra["image_grid_thw"]]
+            text = parts[0] + "".join(pad * n + p for n, p in zip(counts, parts[1:], strict=True))
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        mm = (ids == self.config.image_token_id).int()
+        return dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra
+        )
+
+    def greedy(
+        self, messages: list[dict], images: list[Image.Image], max_new: int
+    ) -> tuple[int, list[int]]:
+        """(prompt tokens, generated tokens) of greedy `generate`."""
+        inputs = self.inputs(messages, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+        n = inputs["input_ids"].shape[1]
+        return n, out[0, n:].tolist()
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
