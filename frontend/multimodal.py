@@ -78,14 +78,69 @@ class LlavaImages:
     def _arrays(self, out: Any, i: int) -> dict[str, np.ndarray]:
         if not self.next:
             return {"pixel_values": out["pixel_values"][i : i + 1]}
-        # LLaVA-NeXT pads every image to the most tiles in the batch: keep this one's own.
-        size = out["image_sizes"][i]
-        tiles = transformers.models.llava_next.modeling_llava_next.image_size_to_num_patches(
-            image_size=size.tolist(),
-            grid_pinpoints=self.config.image_grid_pinpoints,
-            patch_size=self.config.vision_config.image_size,
+        return next_arrays(out, i, self.config.image_grid_pinpoints, self.config.vision_config)
+
+
+def next_arrays(out: Any, i: int, pinpoints: list, vision_config: Any) -> dict[str, np.ndarray]:
+    """Image i's LLaVA-NeXT arrays: the processor pads every image to the most tiles in the
+    batch; keep this one's own."""
+    size = out["image_sizes"][i]
+    tiles = transformers.models.llava_next.modeling_llava_next.image_size_to_num_patches(
+        image_size=size.tolist(), grid_pinpoints=pinpoints, patch_size=vision_config.image_size
+    )
+    return {"pixel_values": out["pixel_values"][i, :tiles], "image_sizes": size[None]}
+
+
+class LlavaOriginalImages:
+    """The original LLaVA repository's checkpoints: the CLIP tower's image processor with
+    any-resolution tiles, and its tokenization: text around each `<image>` tokenized on its
+    own, placeholders put between (as its `tokenizer_image_token` does)."""
+
+    def __init__(self, model_dir: str) -> None:
+        from workers.models import llava_original  # JSON and config only; no weights
+
+        self.config = llava_original.hf_config(model_dir)
+        clip = transformers.AutoImageProcessor.from_pretrained(llava_original.tower_dir(model_dir))
+        self.image_processor = transformers.LlavaNextImageProcessorPil(
+            size=clip.size,
+            crop_size=clip.crop_size,
+            image_mean=clip.image_mean,
+            image_std=clip.image_std,
+            image_grid_pinpoints=self.config.image_grid_pinpoints,
         )
-        return {"pixel_values": out["pixel_values"][i, :tiles], "image_sizes": size[None]}
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        # Counts placeholders the way transformers' LLaVA-NeXT processor does.
+        self.counter = transformers.LlavaNextProcessor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            patch_size=self.config.vision_config.patch_size,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            image_token=self.tokenizer.convert_ids_to_tokens(llava_original.PLACEHOLDER_ID),
+        )
+        self.placeholder = llava_original.PLACEHOLDER_ID
+
+    def process(
+        self, text: str, images: list[Image.Image]
+    ) -> tuple[list[int], list[ProcessedImage]]:
+        chunks = text.split("<image>")
+        if len(chunks) != len(images) + 1:
+            raise ValueError(f"{len(chunks) - 1} image placeholders for {len(images)} images")
+        out = self.image_processor(images=images, return_tensors="np")
+        crop = self.image_processor.crop_size
+        ids = _tokenize(self.tokenizer, chunks[0])
+        processed = []
+        for i, (chunk, img) in enumerate(zip(chunks[1:], images, strict=True)):
+            height, width = out["image_sizes"][i].tolist()
+            count = self.counter._get_number_of_features(
+                height, width, crop["height"], crop["width"]
+            )
+            arrays = next_arrays(
+                out, i, self.config.image_grid_pinpoints, self.config.vision_config
+            )
+            processed.append(ProcessedImage(len(ids), count, image_hash(img), arrays))
+            ids += [self.placeholder] * count
+            ids += self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        return ids, processed
 
 
 class QwenVLImages:
@@ -126,8 +181,13 @@ class QwenVLImages:
         ]
 
 
-def image_processor_for(model_dir: str, architecture: str) -> LlavaImages | QwenVLImages | None:
+ImageProcessor = LlavaImages | QwenVLImages | LlavaOriginalImages
+
+
+def image_processor_for(model_dir: str, architecture: str) -> ImageProcessor | None:
     """The image side of a vision-language checkpoint; None for a text-only model."""
+    if architecture == "LlavaLlamaForCausalLM":
+        return LlavaOriginalImages(model_dir)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     if architecture in LLAVA_ARCHES:
         return LlavaImages(model_dir, config)

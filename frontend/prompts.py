@@ -12,6 +12,25 @@ from frontend.errors import bad_request
 from frontend.multimodal import ProcessedImage, image_processor_for
 from frontend.schemas import ChatMessage, ImagePart
 
+# The conversation format of the original LLaVA-1.5/1.6 Vicuna checkpoints ("vicuna_v1"), whose
+# repositories carry no chat template: images go first in a user turn as "<image>\n".
+VICUNA_V1_TEMPLATE = (
+    "{% set ns = namespace(system='A chat between a curious human and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
+    "human\\'s questions.') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
+    "{% endif %}{% endfor %}{{ ns.system }} "
+    "{% for m in messages %}{% if m['role'] != 'system' %}"
+    "{% if m['content'] is string %}{% set parts = [{'type': 'text', 'text': m['content']}] %}"
+    "{% else %}{% set parts = m['content'] %}{% endif %}"
+    "{% if m['role'] == 'user' %}USER: {% for p in parts %}{% if p['type'] == 'image' %}"
+    "<image>{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% for p in parts %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for p in parts %}{% if p['type'] == 'text' %}{{ p['text'] }}"
+    "{% endif %}{% endfor %}</s>{% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
 
 class Prompter:
     """The model's tokenizer and chat template, and the session length prompts must fit."""
@@ -20,6 +39,8 @@ class Prompter:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.session_len = session_len
         self.images = image_processor_for(model_dir, architecture)  # None: text only
+        if self.tokenizer.chat_template is None and architecture == "LlavaLlamaForCausalLM":
+            self.tokenizer.chat_template = VICUNA_V1_TEMPLATE
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{model_dir} has no chat template; /v1/chat/completions needs one")
 

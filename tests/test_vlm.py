@@ -23,7 +23,8 @@ from vlm_reference import VLMReference, data_url
 
 from deploy.launcher import server
 from shared.config import Config, new_run_id
-from workers.demo_vlm import build_llava, build_qwen2_vl
+from frontend.prompts import VICUNA_V1_TEMPLATE
+from workers.demo_vlm import build_llava, build_llava_original, build_qwen2_vl
 
 MAX_NEW = 12
 
@@ -63,7 +64,16 @@ BUILDERS = {
     "llava_next": lambda d: build_llava(d, next_=True),
     "qwen2_vl": lambda d: build_qwen2_vl(d),
     "qwen2_5_vl": lambda d: build_qwen2_vl(d, v2_5=True),
+    # The original LLaVA repository's format, against transformers' LLaVA-NeXT on the same
+    # weights, prompted with the Vicuna conversation format those checkpoints use.
+    "llava_original": lambda d: build_llava_original(d, d + "-twin"),
 }
+
+
+def reference(arch: str, model_dir: str) -> VLMReference:
+    if arch == "llava_original":
+        return VLMReference(model_dir + "-twin", chat_template=VICUNA_V1_TEMPLATE)
+    return VLMReference(model_dir)
 
 
 def requests(image_url: str) -> list[tuple[list[dict], list[int]]]:
@@ -124,7 +134,7 @@ def test_vlm_matches_transformers(
 ) -> None:
     root = tmp_path_factory.mktemp(arch)
     model_dir = BUILDERS[arch](str(root / "ckpt"))
-    ref = VLMReference(model_dir)
+    ref = reference(arch, model_dir)
     images = make_images()
     cases = requests("")
     expected = [ref.greedy(msgs, [images[i] for i in idx], MAX_NEW) for msgs, idx in cases]

@@ -35,11 +35,13 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 
 class VLMReference:
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         self.model_dir = model_dir
         self.config = transformers.AutoConfig.from_pretrained(model_dir)
         self.arch = self.config.architectures[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
         self.model = transformers.AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=torch.float32
         ).eval()

@@ -9,11 +9,13 @@ be compared. The weights are random: the models write noise.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import torch
 import transformers
+from safetensors.torch import save_file
 
 from workers.demo_checkpoint import build_tokenizer
 
@@ -174,3 +176,61 @@ def build_qwen2_vl(out_dir: str, v2_5: bool = False, seed: int = 0) -> str:
     tokenizer.chat_template = QWEN_VL_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_llava_original(out_dir: str, hf_twin_dir: str, seed: int = 0) -> str:
+    """The original LLaVA repository's format (`LlavaLlamaForCausalLM`, as
+    liuhaotian/llava-v1.6-vicuna-7b), with the weights of a LLaVA-NeXT checkpoint built at
+    `hf_twin_dir`: the two must answer alike. Like LLaVA-1.5 originals, the weights leave
+    out the CLIP tower, which config.json names as a directory (clip-tower/ beside them)."""
+    if not os.path.exists(os.path.join(hf_twin_dir, "config.json")):
+        build_llava(hf_twin_dir, next_=True, seed=seed)
+    twin = transformers.LlavaNextForConditionalGeneration.from_pretrained(hf_twin_dir).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    tower_dir = os.path.join(out_dir, "clip-tower")
+    tower = transformers.CLIPVisionModel(twin.config.vision_config)
+    tower.load_state_dict(twin.model.vision_tower.state_dict())
+    tower.save_pretrained(tower_dir)
+    size = CLIP["image_size"]
+    transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(tower_dir)
+    weights = {f"model.{k}": v for k, v in twin.model.language_model.state_dict().items()}
+    weights["lm_head.weight"] = twin.lm_head.weight
+    projector = twin.model.multi_modal_projector
+    for ours, layer in (("0", projector.linear_1), ("2", projector.linear_2)):
+        weights[f"model.mm_projector.{ours}.weight"] = layer.weight
+        weights[f"model.mm_projector.{ours}.bias"] = layer.bias
+    weights["model.image_newline"] = twin.model.image_newline
+    save_file({k: v.detach().contiguous() for k, v in weights.items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    text = twin.config.text_config.to_dict()
+    config = {
+        k: text[k] for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size",
+            "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters",
+        ) if k in text
+    } | {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+        "tie_word_embeddings": False, "image_aspect_ratio": "anyres",
+        "image_grid_pinpoints": PINPOINTS, "mm_hidden_size": CLIP["hidden_size"],
+        "mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": tower_dir, "use_mm_proj": True,
+    }  # fmt: skip
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer = _fast_tokenizer(["<unk>", "<s>", "</s>"], "<s>", "</s>", seed)  # no <image>
+    tokenizer.save_pretrained(out_dir)
+    _save_generation_config(out_dir, tokenizer)
+    return out_dir
+
+
+def _save_generation_config(out_dir: str, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    transformers.GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(out_dir)

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from workers.layers.linear import load_whole
+from workers.models import llava_original
 from workers.models.registry import build_model
 
 log = logging.getLogger("vlmserve.loader")
@@ -41,11 +43,18 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: nn.Module, model_dir: str) -> None:
-    """Copy every checkpoint tensor into its parameter; fail on missing or unknown ones."""
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+def safetensors_files(directory: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir!r}")
+        raise FileNotFoundError(f"no *.safetensors files in {directory!r}")
+    return files
+
+
+def load_weights(
+    model: nn.Module, files: list[str], rename: Callable[[str], str | None] | None = None
+) -> set[str]:
+    """Copy every tensor of `files` into its parameter (`rename` may map a checkpoint name
+    first, or skip it with None); fail on unknown names. Returns the parameters loaded."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     started = time.monotonic()
@@ -54,7 +63,10 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES):
                     continue
-                target, shard_id = _target(model, name)
+                ours = rename(name) if rename else name
+                if ours is None:
+                    continue
+                target, shard_id = _target(model, ours)
                 if target not in params:
                     raise KeyError(f"checkpoint tensor {name!r} matches no parameter")
                 param = params[target]
@@ -65,6 +77,11 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
             "loaded weights file %d/%d (%s) in %.1fs",
             index, len(files), os.path.basename(path), time.monotonic() - started,
         )  # fmt: skip
+    return loaded
+
+
+def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
     tied = {n for n, p in params.items() if any(p is params[m] for m in loaded)}
     missing = sorted(set(params) - loaded - tied)
     if missing:
@@ -73,7 +90,8 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
-    config = load_hf_config(model_dir)
+    original = llava_original.is_original(model_dir)
+    config = llava_original.hf_config(model_dir) if original else load_hf_config(model_dir)
     architecture = (config.architectures or ["?"])[0]
     torch.set_default_dtype(dtype)
     try:
@@ -81,5 +99,13 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.M
             model = build_model(config, architecture)
     finally:
         torch.set_default_dtype(torch.float32)
-    load_weights(model, model_dir)
+    if original:
+        model.name_prefixes = llava_original.NAME_PREFIXES
+    loaded = load_weights(model, safetensors_files(model_dir))
+    tower_prefix = "vision.hf.vision_tower."
+    if original and not any(name.startswith(tower_prefix) for name in loaded):
+        # The checkpoint names its CLIP tower instead of carrying it: load it from there.
+        tower = llava_original.tower_dir(model_dir)
+        loaded |= load_weights(model, safetensors_files(tower), rename=llava_original.tower_name)
+    check_all_loaded(model, loaded)
     return model.eval()

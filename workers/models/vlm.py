@@ -56,13 +56,15 @@ class VisionLanguageModel(nn.Module):
         self.vision = VisionEncoder(hf_config, architecture)
         self.image_token_id: int = hf_config.image_token_id
         self.uses_mrope = "mrope_section" in rope_parameters(text)
+        self.name_prefixes = NAME_PREFIXES  # other checkpoint layouts bring their own
 
-    @staticmethod
-    def map_checkpoint_name(name: str) -> str:
-        for theirs, ours in NAME_PREFIXES:
+    def map_checkpoint_name(self, name: str) -> str:
+        for theirs, ours in self.name_prefixes:
             if name.startswith(theirs):
-                return ours + name[len(theirs) :]
-        return name
+                name = ours + name[len(theirs) :]
+                break
+        # transformers 4 saved CLIP towers with a `vision_model.` level that 5 no longer has.
+        return name.replace("vision.hf.vision_tower.vision_model.", "vision.hf.vision_tower.")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language.model.embed_tokens(input_ids)
