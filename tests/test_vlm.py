@@ -22,8 +22,8 @@ from server_fixtures import free_port
 from vlm_reference import VLMReference, data_url
 
 from deploy.launcher import server
-from shared.config import Config, new_run_id
 from frontend.prompts import VICUNA_V1_TEMPLATE
+from shared.config import Config, new_run_id
 from workers.demo_vlm import build_llava, build_llava_original, build_qwen2_vl
 
 MAX_NEW = 12
