@@ -44,6 +44,7 @@ HELP: dict[str, str] = {
     "frontend_workers": "number of Gunicorn worker processes (frontends)",
     "api_keys": "comma-separated API keys; empty means no authentication",
     "max_body_mb": "largest request body the HTTP server accepts, in MiB (413 above)",
+    "encoder_cache_mb": "memory for cached vision-encoder outputs per worker, in MiB (0: off)",
     "allowed_local_media_path": "images may be local paths or file:// URLs only under this "
     "directory; empty refuses them",
     "allowed_media_domains": "comma-separated hosts fetched even when they resolve to private, "
@@ -84,6 +85,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     frontend_workers: int = 1
     api_keys: str = ""
     max_body_mb: int = 32
+    encoder_cache_mb: int = 1024
     allowed_local_media_path: str = ""
     allowed_media_domains: str = ""
     limit_mm_per_prompt: int = 8

@@ -45,14 +45,21 @@ class Batch:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, block_size: int, eos_token_ids: list[int], device: torch.device
+        self,
+        model: nn.Module,
+        block_size: int,
+        eos_token_ids: list[int],
+        device: torch.device,
+        encoder_cache_bytes: int = 1 << 30,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.seqs: dict[int, SeqState] = {}
-        self.images = ImageInputs(model, device) if hasattr(model, "vision") else None
+        self.images = None
+        if hasattr(model, "vision"):
+            self.images = ImageInputs(model, device, encoder_cache_bytes)
 
     def update_states(self, plan: StepPlan, frames: list) -> None:
         for seq_id in plan.freed_seq_ids:

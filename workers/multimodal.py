@@ -16,8 +16,6 @@ import torch
 from shared.arrays import from_frames
 from shared.messages import ImageMeta, NewSeq
 
-ENCODER_CACHE_BYTES = 1 << 30
-
 
 @dataclass
 class SeqImage:
@@ -42,12 +40,10 @@ class SeqPositions:
 class EncoderCache:
     """Vision encoder outputs by image content hash, least recently used dropped first."""
 
-    def __init__(self, max_bytes: int = ENCODER_CACHE_BYTES) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
@@ -56,6 +52,8 @@ class EncoderCache:
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
+        if self.max_bytes <= 0:
+            return  # caching is off
         self.entries[key] = value
         self.bytes += value.numel() * value.element_size()
         while self.bytes > self.max_bytes and len(self.entries) > 1:
@@ -80,41 +78,50 @@ def _split_frames(new_seqs: list[NewSeq], frames: list) -> list[list[tuple[Image
 class ImageInputs:
     """The multimodal side of a ModelRunner for a VisionLanguageModel."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, cache_bytes: int) -> None:
         self.model = model
         self.device = device
-        self.cache = EncoderCache()
+        self.cache = EncoderCache(cache_bytes)
 
     def arrive(
         self, new_seqs: list[NewSeq], frames: list
     ) -> dict[int, tuple[list[SeqImage], SeqPositions | None]]:
         """Encode the images of newly arrived sequences that the cache lacks, in one batch."""
         per_seq = _split_frames(new_seqs, frames)
+        found: dict[str, torch.Tensor] = {}
         todo: dict[str, dict[str, torch.Tensor]] = {}
         for images in per_seq:
             for meta, image_frames in images:
-                if meta.hash not in todo and self.cache.get(meta.hash) is None:
-                    arrays = from_frames(meta.arrays, image_frames)
-                    todo[meta.hash] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+                if meta.hash in found or meta.hash in todo:
+                    continue
+                cached = self.cache.get(meta.hash)
+                if cached is not None:
+                    found[meta.hash] = cached
+                    continue
+                arrays = from_frames(meta.arrays, image_frames)
+                todo[meta.hash] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         if todo:
-            self._encode(todo)
+            found |= self._encode(todo)
         return {
-            new.seq_id: (self._seq_images(images), self._positions(new, images))
+            new.seq_id: (self._seq_images(images, found), self._positions(new, images))
             for new, images in zip(new_seqs, per_seq, strict=True)
         }
 
-    def _encode(self, todo: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.cache.misses += len(todo)
+    def _encode(self, todo: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Every image of `todo` through the vision tower in one batch."""
         names = next(iter(todo.values())).keys()
         batch = {n: torch.cat([a[n] for a in todo.values()]).to(self.device) for n in names}
-        features = self.model.vision(batch)
-        for key, value in zip(todo, features, strict=True):
+        features = dict(zip(todo, self.model.vision(batch), strict=True))
+        for key, value in features.items():
             self.cache.put(key, value)
+        return features
 
-    def _seq_images(self, images: list[tuple[ImageMeta, list]]) -> list[SeqImage]:
+    def _seq_images(
+        self, images: list[tuple[ImageMeta, list]], found: dict[str, torch.Tensor]
+    ) -> list[SeqImage]:
         out = []
         for meta, _ in images:
-            features = self.cache.get(meta.hash)
+            features = found[meta.hash]
             if features.shape[0] != meta.length:
                 raise ValueError(
                     f"image {meta.hash[:12]} encodes to {features.shape[0]} rows "

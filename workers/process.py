@@ -81,7 +81,9 @@ def serve(config: Config) -> int:
         session_len = config.session_len or info.max_position_embeddings
         num_blocks = num_blocks_for(config, model, dtype, device, session_len)
         allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
-        runner = ModelRunner(model, config.block_size, info.eos_token_ids, device)
+        runner = ModelRunner(
+            model, config.block_size, info.eos_token_ids, device, config.encoder_cache_mb << 20
+        )
         results.send(codec.encode(WorkerReady(config.rank, num_blocks, str(device))))
         while True:
             head, *frames = plans.recv_multipart()
