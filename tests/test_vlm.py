@@ -10,10 +10,14 @@ again, now served from the workers' encoder cache and the prefix cache: same ans
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.server
+import io
 import os
 import threading
+import time
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -198,3 +202,81 @@ def test_text_model_refuses_images(checkpoints: dict, tmp_path_factory) -> None:
             model="llama", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
         )
         assert ok.usage.completion_tokens >= 1
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_images_are_400s_and_the_loop_stays_free(
+    tmp_path_factory: pytest.TempPathFactory, image_server: str
+) -> None:
+    root = tmp_path_factory.mktemp("badimages")
+    model_dir = build_llava(str(root / "ckpt"))
+    media = root / "media"
+    media.mkdir()
+    make_images()[0].save(media / "ok.png")
+    make_images()[1].save(root / "outside.png")
+    good = png_bytes(make_images()[2])
+    config = Config(
+        model=model_dir, run_id=new_run_id(), ipc_dir=str(root), server_name="127.0.0.1",
+        server_port=free_port(), allowed_media_domains="127.0.0.1", log_level="WARNING",
+        allowed_local_media_path=str(media), limit_mm_per_prompt=2, image_max_pixels=1_000_000,
+    )  # fmt: skip
+    port = image_server.rsplit(":", 1)[1]
+    bad = {
+        "bad base64": "data:image/png;base64,@@not-base64@@",
+        "not an image": "data:image/png;base64," + base64.b64encode(b"hello, text").decode(),
+        "truncated": "data:image/png;base64," + base64.b64encode(good[: len(good) // 2]).decode(),
+        "too many pixels": data_url(Image.new("1", (2000, 2000))),
+        "outside the allowed root": f"file://{root}/outside.png",
+        "loopback host not allowed": f"http://localhost:{port}/0.png",
+        "no such file here": f"{image_server}/missing.png",
+    }
+
+    def chat(client: openai.OpenAI, urls: list[str]) -> object:
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        return client.chat.completions.create(
+            model="ckpt", max_tokens=3, temperature=0,
+            messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}],
+        )  # fmt: skip
+
+    with server(config, os.path.join(str(root), "server.log")) as srv:
+        client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
+        for case, url in bad.items():
+            with pytest.raises(openai.BadRequestError) as err:
+                chat(client, [url])
+            assert err.value.body["message"] and err.value.body["param"] == "messages", case
+            assert chat(client, [f"file://{media}/ok.png"]).usage.completion_tokens >= 1, case
+        with pytest.raises(openai.BadRequestError, match="2"):
+            chat(client, [data_url(make_images()[0])] * 3)
+
+        # Large images keep threads busy decoding; the event loop must still answer at once.
+        big = data_url(
+            Image.fromarray(
+                np.random.default_rng(1).integers(0, 256, (900, 1000, 3), dtype=np.uint8)
+            )
+        )
+
+        async def busy_and_health() -> float:
+            def one() -> object:
+                return chat(
+                    openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0),
+                    [big],
+                )
+
+            jobs = [asyncio.ensure_future(asyncio.to_thread(one)) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            worst = 0.0
+            async with httpx.AsyncClient() as http:
+                for _ in range(5):
+                    started = time.monotonic()
+                    assert (await http.get(srv["url"] + "/health")).status_code == 200
+                    worst = max(worst, time.monotonic() - started)
+                    await asyncio.sleep(0.1)
+            await asyncio.gather(*jobs)
+            return worst
+
+        assert asyncio.run(busy_and_health()) < 1.0, "/health waited behind image work"
