@@ -188,11 +188,16 @@ def main(argv: list[str] | None = None) -> None:
         prog="vlmserve demo-checkpoint",
         description="Write a tiny random-weight checkpoint in Hugging Face format (no download).",
     )
+    from workers.demo_vlm import VISION_ARCHES, build_vision_checkpoint
+
     parser.add_argument("dir")
-    parser.add_argument("--arch", default="llama", choices=ARCHES)
-    parser.add_argument("--size", default="tiny", choices=list(SIZES))
+    parser.add_argument("--arch", default="llama", choices=[*ARCHES, *VISION_ARCHES])
+    parser.add_argument("--size", default="tiny", choices=list(SIZES), help="text models only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
-    build_checkpoint(args.dir, arch=args.arch, size=args.size, seed=args.seed)
-    print(f"wrote {args.arch}/{args.size} random-weight checkpoint to {args.dir}")
+    if args.arch in VISION_ARCHES:
+        build_vision_checkpoint(args.dir, args.arch, seed=args.seed)
+    else:
+        build_checkpoint(args.dir, arch=args.arch, size=args.size, seed=args.seed)
+    print(f"wrote a random-weight {args.arch} checkpoint to {args.dir}")

@@ -234,3 +234,12 @@ def _save_generation_config(out_dir: str, tokenizer: transformers.PreTrainedToke
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(out_dir)
+
+
+def build_vision_checkpoint(out_dir: str, arch: str, seed: int = 0) -> str:
+    """Any of VISION_ARCHES by name (the original LLaVA format gets its twin beside it)."""
+    if arch == "llava_original":
+        return build_llava_original(out_dir, out_dir.rstrip("/") + "-hf-twin", seed)
+    if arch in ("llava", "llava_next"):
+        return build_llava(out_dir, next_=arch == "llava_next", seed=seed)
+    return build_qwen2_vl(out_dir, v2_5=arch == "qwen2_5_vl", seed=seed)
