@@ -5,13 +5,15 @@ not used):
 
     apt-get install -y chromium
 
-The server has API keys on and serves the tiny Llama checkpoint, which answers text only,
-so an attached image must come back as a clear error on the page. The screenshot the README
-shows, docs/ui.png, is taken here.
+The main server has API keys on and serves the tiny Llama checkpoint, which answers text
+only, so an attached image must come back as a clear error on the page; a second server on
+a vision-language demo checkpoint answers an image message, streamed, with the same text the
+API gives for it. The screenshot the README shows, docs/ui.png, is taken here.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from server_fixtures import free_port, metrics, wait_for
 from deploy.launcher import server
 from frontend.api_client import APIClient
 from shared.config import Config, new_run_id
+from workers.demo_vlm import build_vision_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -230,3 +233,42 @@ def test_stop_ends_the_stream_and_the_server_aborts(page, srv: dict) -> None:  #
     page.wait_for_timeout(1000)
     assert answer.locator(".content").text_content() == text, "text arrived after Stop"
     expect(page.get_by_role("alert")).to_be_hidden()
+
+
+@pytest.fixture(scope="module")
+def vlm_srv(tmp_path_factory: pytest.TempPathFactory):
+    """A second server, on a vision-language demo checkpoint (Qwen2-VL-shaped, no API key)."""
+    workdir = tmp_path_factory.mktemp("webui-vlm")
+    model_dir = build_vision_checkpoint(str(workdir / "vlm"), "qwen2_vl")
+    config = Config(
+        model=model_dir, run_id=new_run_id(), ipc_dir=str(workdir), server_name="127.0.0.1",
+        server_port=free_port(), log_level="WARNING",
+    )  # fmt: skip
+    with server(config, str(workdir / "server.log")) as running:
+        yield running
+
+
+def test_an_image_message_gets_the_models_streamed_answer(
+    context,  # noqa: ANN001
+    vlm_srv: dict,
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (60, 40), (30, 90, 200)).save(image)
+    page = context.new_page()
+    page.goto(vlm_srv["url"] + "/ui")
+    model = vlm_srv["config"].served_name
+    expect(page.get_by_label("Model")).to_have_value(model)
+    settings(page, "0", "12")
+    page.get_by_label("Attach image").set_input_files(str(image))
+    answer = send(page, "what is in this picture?")
+    expect(answer).to_have_attribute("data-state", "done", timeout=STREAM_TIMEOUT_MS)
+    expect(page.locator(".message.user img")).to_be_visible()
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    message = {"role": "user", "content": [  # as the page sends it: text, then the image
+        {"type": "text", "text": "what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]}  # fmt: skip
+    with APIClient(vlm_srv["url"]) as api:
+        assert answer.locator(".content").text_content() == greedy(api, model, [message], 12)
+    page.close()
