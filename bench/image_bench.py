@@ -1,0 +1,187 @@
+"""Image serving benchmark: streamed chat requests with 1-3 images each, encoder cache on/off.
+
+    .venv/bin/python bench/image_bench.py [--num-requests 48] [--distinct-images 12]
+
+On the Qwen2-VL-shaped demo checkpoint (`vlmserve demo-checkpoint --arch qwen2_vl`), each
+request carries 1-3 seeded random images (sizes from --image-sizes) as base64 PNG data URLs,
+drawn from a pool of --distinct-images, so images repeat across requests as they do when
+users re-send a picture. The same workload runs against vlmserve with the workers' encoder
+cache on, then off (--encoder-cache-mb 0). Also measured in this process: the frontend's
+preprocessing time per image (decode + the model's image processor + placeholder expansion).
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import msgspec
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_client import Prompt, run_load, summarize  # noqa: E402
+
+from deploy.launcher import server  # noqa: E402
+from frontend.images import decode_image  # noqa: E402
+from frontend.prompts import Prompter  # noqa: E402
+from frontend.schemas import ChatMessage  # noqa: E402
+from shared.config import Config, new_run_id  # noqa: E402
+from workers.demo_vlm import build_vision_checkpoint  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def bench_checkpoint() -> str:
+    path = os.path.join(HERE, ".cache", "qwen2-vl-demo")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        print(f"building the benchmark checkpoint in {path} ...", flush=True)
+        build_vision_checkpoint(path, "qwen2_vl")
+    return path
+
+
+def image_pool(n: int, sizes: list[tuple[int, int]], seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    pool = []
+    for i in range(n):
+        width, height = sizes[i % len(sizes)]
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        pool.append(buf.getvalue())
+    return pool
+
+
+def workload(n: int, pool: list[bytes], output_len: int, seed: int) -> list[list[int]]:
+    """Which pool images each request shows (1 to 3)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(len(pool)) for _ in range(rng.randint(1, 3))] for _ in range(n)]
+
+
+def payloads(requests: list[list[int]], pool: list[bytes], output_len: int) -> list[dict]:
+    urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pool]
+    return [
+        {
+            "model": "qwen2-vl-demo",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        *[{"type": "image_url", "image_url": {"url": urls[i]}} for i in images],
+                        {"type": "text", "text": "Describe the pictures."},
+                    ],
+                }
+            ],
+            "max_tokens": output_len,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        for images in requests
+    ]
+
+
+def preprocessing_ms(model_dir: str, pool: list[bytes]) -> dict:
+    """The frontend's work per image, as a request does it, in this process."""
+    prompter = Prompter(model_dir, 4096, "Qwen2VLForConditionalGeneration")
+    message = msgspec.convert(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": "x"},
+                                      {"type": "text", "text": "Describe"}]}],
+        list[ChatMessage],
+    )  # fmt: skip
+    times = []
+    for data in pool:
+        started = time.perf_counter()
+        image = decode_image(data, 40_000_000)
+        prompter.chat_inputs(message, [image])
+        times.append((time.perf_counter() - started) * 1000)
+    return {"mean_ms": float(np.mean(times)), "median_ms": float(np.median(times))}
+
+
+def run_server(model_dir: str, cache_mb: int, bodies: list[dict], prompts: list[Prompt]) -> dict:
+    label = f"encoder cache {'on' if cache_mb else 'off'}"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Config(
+            model=model_dir, run_id=new_run_id(), ipc_dir=tmp, server_name="127.0.0.1",
+            server_port=_free_port(), encoder_cache_mb=cache_mb, log_level="WARNING",
+        )  # fmt: skip
+        with server(config, os.path.join(tmp, "server.log")) as srv:
+            print(f"{label}: warming up ...", flush=True)
+            asyncio.run(run_load(srv["url"], bodies[:2], float("inf"), None, 0, lambda _: None))
+            print(f"{label}: {len(bodies)} requests ...", flush=True)
+            outcomes, wall = asyncio.run(
+                run_load(srv["url"], bodies, float("inf"), 16, 0, lambda _: None)
+            )
+    return summarize(outcomes, wall, prompts)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--distinct-images", type=int, default=12)
+    parser.add_argument("--image-sizes", default="640x480,320x320,1024x768")
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "images.json"))
+    args = parser.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
+    model_dir = bench_checkpoint()
+    pool = image_pool(args.distinct_images, sizes, args.seed)
+    requests = workload(args.num_requests, pool, args.output_len, args.seed)
+    bodies = payloads(requests, pool, args.output_len)
+    prompts = [Prompt("", [], args.output_len) for _ in requests]
+    print("frontend preprocessing ...", flush=True)
+    report = {
+        "workload": {
+            "requests": args.num_requests,
+            "images": sum(map(len, requests)),
+            "distinct_images": args.distinct_images,
+            "sizes": args.image_sizes,
+            "output_len": args.output_len,
+            "max_concurrency": 16,
+        },  # fmt: skip
+        "preprocessing_per_image": preprocessing_ms(model_dir, pool),
+        "cache_on": run_server(model_dir, 1024, bodies, prompts),
+        "cache_off": run_server(model_dir, 0, bodies, prompts),
+    }
+    images = report["workload"]["images"]
+    print(f"\n| {'':28} | {'cache on':>10} | {'cache off':>10} |")
+    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|")
+    for label, key, scale in [
+        ("image requests/s", "request_throughput", 1), ("TTFT mean (ms)", "mean_ttft_ms", 1),
+        ("TTFT median (ms)", "median_ttft_ms", 1), ("TTFT p99 (ms)", "p99_ttft_ms", 1),
+    ]:  # fmt: skip
+        on, off = report["cache_on"][key] * scale, report["cache_off"][key] * scale
+        print(f"| {label:28} | {on:10.1f} | {off:10.1f} |")
+    pre = report["preprocessing_per_image"]
+    print(f"\n{images} images in {args.num_requests} requests; frontend preprocessing "
+          f"{pre['mean_ms']:.1f} ms per image (median {pre['median_ms']:.1f})")  # fmt: skip
+    failed = report["cache_on"]["failed"] + report["cache_off"]["failed"]
+    if failed:
+        print(f"WARNING: {failed} requests failed: {report['cache_on']['errors']}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
