@@ -27,6 +27,13 @@ HELP: dict[str, str] = {
     "engine_port": "first of the scheduler's tcp ports; 0 means ipc:// sockets on this host",
     "tp": "tensor-parallel size: number of worker processes",
     "rank": "this worker's tensor-parallel rank",
+    "nnodes": "number of machines the tensor-parallel ranks span (--tp / --nnodes on each)",
+    "node_rank": "this machine's index among --nnodes; it runs the --rank values (global) "
+    "node_rank * tp / nnodes up to the next node's first",
+    "master_addr": "address of rank 0's machine for the tensor-parallel rendezvous over tcp; "
+    "empty: a file in --ipc-dir (one machine)",
+    "master_port": "tcp port rank 0 serves the tensor-parallel rendezvous on (--master-addr)",
+    "dist_timeout": "seconds a rank waits for the others, at the rendezvous and in a collective",
     "device": "cpu, cuda, or auto (cuda when available)",
     "dtype": "float32, bfloat16, float16, or auto (float32 on cpu, the checkpoint's on cuda)",
     "block_size": "tokens per KV cache block",
@@ -68,6 +75,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     engine_port: int = 0
     tp: int = 1
     rank: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+    dist_timeout: float = 300.0
     device: str = "auto"
     dtype: str = "auto"
     block_size: int = 16
@@ -98,6 +110,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         checks = [
             (self.tp >= 1, "--tp must be at least 1"),
             (0 <= self.rank < self.tp, f"--rank must be in [0, {self.tp})"),
+            (
+                self.nnodes >= 1 and self.tp % self.nnodes == 0,
+                "--nnodes must be at least 1 and divide --tp",
+            ),
+            (0 <= self.node_rank < self.nnodes, f"--node-rank must be in [0, {self.nnodes})"),
+            (
+                self.nnodes == 1 or (self.master_addr and self.engine_port),
+                "--nnodes above 1 needs --master-addr and --master-port (the rendezvous) and "
+                "--engine-port (the scheduler over tcp)",
+            ),
+            (
+                not self.master_addr or 0 < self.master_port < 65536,
+                "--master-addr needs --master-port (1..65535)",
+            ),
+            (self.dist_timeout > 0, "--dist-timeout must be positive"),
             (self.block_size >= 1, "--block-size must be at least 1"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
             (self.max_batched_tokens >= 1, "--max-batched-tokens must be at least 1"),
