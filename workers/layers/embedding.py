@@ -23,8 +23,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        # With more ranks than rows to spare, the last ranks may hold padding only.
         size = min(self.shard_size, self.vocab_size - self.vocab_start)
-        copy_into(param[:size], read_rows(loaded, self.vocab_start, size))
+        if size > 0:  # with more ranks than rows to spare, the last may hold padding only
+            copy_into(param[:size], read_rows(loaded, self.vocab_start, size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:

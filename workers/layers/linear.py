@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.parallel import all_reduce, divide, tp_rank, tp_size
+from workers.parallel import all_reduce, divide, shard_heads, tp_rank, tp_size
 
 
 def shape_of(loaded: Any) -> list[int]:
@@ -90,48 +90,60 @@ class MergedColumnParallelLinear(LinearBase):
 class QKVParallelLinear(LinearBase):
     """Query, key and value projections in one matmul, heads split across ranks.
 
-    When there are fewer KV heads than ranks, each KV head is replicated on
-    tp_size / num_kv_heads ranks.
+    The split is `shard_heads`'s: head counts need not divide by the tensor-parallel size,
+    and with fewer KV heads than ranks each KV head is replicated on several ranks.
+    `out_shard` is this rank's (start, size) of the attention output's features, which
+    the row-parallel o_proj must take as its input slice.
     """
 
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
     ) -> None:
-        tp = tp_size()
+        shard = shard_heads(num_heads, num_kv_heads, tp_size(), tp_rank())
         self.head_dim = head_dim
-        self.num_heads = divide(num_heads, tp)
-        if num_kv_heads >= tp:
-            self.num_kv_heads = divide(num_kv_heads, tp)
-            self.kv_head_start = tp_rank() * self.num_kv_heads
-        else:
-            divide(tp, num_kv_heads)
-            self.num_kv_heads = 1
-            self.kv_head_start = tp_rank() * num_kv_heads // tp
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
+        self.q_start = shard.q_start * head_dim
+        self.kv_start = shard.kv_start * head_dim
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        self.out_shard = (self.q_start, self.q_size)
         super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         if shard_id == "q":
-            offset, size, start = 0, self.q_size, tp_rank() * self.q_size
+            offset, size, start = 0, self.q_size, self.q_start
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, start = self.kv_size, self.kv_head_start * self.head_dim
+            size, start = self.kv_size, self.kv_start
         copy_into(param[offset : offset + size], read_rows(loaded, start, size))
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; the partial outputs are summed by all-reduce."""
+    """Input features split across ranks; the partial outputs are summed by all-reduce.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(divide(in_features, tp_size()), out_features, bias)
+    The split is even unless `shard` gives this rank's (start, size) of the input, as an
+    attention output projection does when heads split unevenly (QKVParallelLinear.out_shard).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
+        if shard is None:
+            size = divide(in_features, tp_size())
+            shard = (tp_rank() * size, size)
+        self.input_start = shard[0]
+        super().__init__(shard[1], out_features, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank, added once after the sum
             load_whole(param, loaded)
             return
-        size = param.shape[1]
-        copy_into(param, read_cols(loaded, tp_rank() * size, size))
+        copy_into(param, read_cols(loaded, self.input_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = all_reduce(F.linear(x, self.weight))

@@ -30,7 +30,11 @@ class LlamaAttention(nn.Module):
             config.num_key_value_heads,
             bias=qkv_bias,
         )
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim,
+            config.hidden_size,
+            shard=self.qkv_proj.out_shard,  # this rank's heads, however they split
+        )
         self.rotary = rotary
         self.head_dim = head_dim
         proj = self.qkv_proj
