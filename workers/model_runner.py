@@ -51,8 +51,10 @@ class ModelRunner:
         eos_token_ids: list[int],
         device: torch.device,
         encoder_cache_bytes: int = 1 << 30,
+        samples: bool = True,
     ) -> None:
         self.model = model
+        self.samples = samples  # False on ranks other than 0
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -194,6 +196,8 @@ class ModelRunner:
         if not batch.sample_seq_ids:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float()  # [seqs, vocab]
+        if not self.samples:  # every rank takes part in the logits' all-gather; rank 0 samples
+            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
         token_ids, logprobs = sample(logits, self._sampling_input(batch.sample_seq_ids))
         return StepResult(
             step_id=plan.step_id,

@@ -2,19 +2,28 @@
 
 It PULLs StepPlans from its own plan socket and PUSHes WorkerMsgs to the scheduler's
 results socket. A heartbeat thread (its own socket: ZeroMQ sockets are not thread-safe)
-tells the scheduler it is alive, also while weights load and while a long step runs.
+tells the scheduler it is alive, also while weights load and while a long step runs, and
+ends the process when the scheduler has gone: a rank may then be waiting for a plan that
+will never come, or blocked in a collective with a rank that waits for one.
+
+With --tp above 1 the ranks form a torch.distributed group (workers/parallel.py). All
+ranks run every plan; only rank 0 samples and answers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from shared.config import Config
 from shared.logs import setup_logging
@@ -32,13 +41,17 @@ from shared.sockets import Codec, make_socket
 from workers.kv_cache import allocate_kv_cache, num_blocks_for
 from workers.loader import load_model
 from workers.model_runner import ModelRunner
+from workers.parallel import join_group, local_rank
 
 HEARTBEAT_S = 0.5
 
 
 def pick_device(config: Config) -> torch.device:
+    """cuda:<local rank> (among CUDA_VISIBLE_DEVICES, when set), or cpu."""
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", config.rank % max(torch.cuda.device_count(), 1))
+        device = torch.device("cuda", local_rank(config) % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 
@@ -49,10 +62,30 @@ def pick_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 
 def heartbeat_loop(ctx: zmq.Context, config: Config, stop: threading.Event) -> None:
+    """Send heartbeats; end the process once the scheduler has been gone for --worker-timeout.
+
+    The scheduler's going is seen as the connection of this socket dropping and not coming
+    back. The process ends with os._exit: the main thread may be blocked in a collective
+    that no signal or exception reaches.
+    """
     sock = make_socket(ctx, zmq.PUSH, config.address("results"), bind=False)
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     codec = Codec(WorkerMsg)
+    lost_since: float | None = None
     while not stop.wait(HEARTBEAT_S):
-        sock.send(codec.encode(Heartbeat(rank=config.rank)))
+        with contextlib.suppress(zmq.Again):  # a queue full of heartbeats: skip this one
+            sock.send(codec.encode(Heartbeat(rank=config.rank)), zmq.NOBLOCK)
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            lost_since = time.monotonic() if event == zmq.EVENT_DISCONNECTED else None
+        if lost_since is not None and time.monotonic() - lost_since > config.worker_timeout:
+            logging.getLogger("vlmserve.worker").error(
+                "the scheduler has been gone for %.1fs; exiting", time.monotonic() - lost_since
+            )
+            logging.shutdown()
+            os._exit(1)
+    sock.disable_monitor()
+    monitor.close()
     sock.close()
 
 
@@ -75,14 +108,25 @@ def serve(config: Config) -> int:
     plans = make_socket(ctx, zmq.PULL, config.plan_address(config.rank), bind=False)
     codec = Codec(WorkerMsg)
     plan_codec = Codec(SchedulerMsg)
+    group = None
     try:
+        group = join_group(config, device)  # before the model: layers shard by the group
         model = load_model(config.model, dtype, device)
         info = read_model_info(config.model)
         session_len = config.session_len or info.max_position_embeddings
         num_blocks = num_blocks_for(config, model, dtype, device, session_len)
         allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
+        # Every rank runs the plan (the layers' collectives need all of them) and ends with
+        # the whole vocabulary's logits, all-gathered. Only rank 0 samples and answers: no
+        # broadcast of sampled tokens, and seeded draws happen in one place. The others
+        # learn the tokens from the next plan like any other.
         runner = ModelRunner(
-            model, config.block_size, info.eos_token_ids, device, config.encoder_cache_mb << 20
+            model,
+            config.block_size,
+            info.eos_token_ids,
+            device,
+            config.encoder_cache_mb << 20,
+            samples=config.rank == 0,
         )
         results.send(codec.encode(WorkerReady(config.rank, num_blocks, str(device))))
         while True:
@@ -102,5 +146,7 @@ def serve(config: Config) -> int:
         return 1
     finally:
         stop.set()
+        if group is not None:
+            group.close()
         results.close(linger=1000)
         plans.close()
