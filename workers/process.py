@@ -72,9 +72,10 @@ def heartbeat_loop(ctx: zmq.Context, config: Config, stop: threading.Event) -> N
     monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     codec = Codec(WorkerMsg)
     lost_since: float | None = None
-    while not stop.wait(HEARTBEAT_S):
+    while not stop.is_set():  # the first at once: from then on the scheduler watches us
         with contextlib.suppress(zmq.Again):  # a queue full of heartbeats: skip this one
             sock.send(codec.encode(Heartbeat(rank=config.rank)), zmq.NOBLOCK)
+        stop.wait(HEARTBEAT_S)
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
             lost_since = time.monotonic() if event == zmq.EVENT_DISCONNECTED else None
