@@ -39,7 +39,7 @@ from shared.sockets import Codec, make_socket
 log = logging.getLogger("vlmserve.engine_client")
 
 HELLO_EVERY_S = 0.2
-STATUS_STALE_S = 2.0  # the scheduler publishes status every 0.5 s
+STATUS_STALE_S = 5.0  # the scheduler publishes status every 0.5 s; allow for a busy host
 
 
 class EngineUnavailable(Exception):
@@ -65,8 +65,10 @@ class EngineClient:
         self.expected_seq: int | None = None  # None until the hello round trip completes
         self.status: EngineStatus | None = None
         self.status_at = 0.0
+        self.instance: str | None = None  # the scheduler's; a new one means it restarted
         self.connected = asyncio.Event()
         self.receiver: asyncio.Task | None = None
+        self.hello_task: asyncio.Task | None = None
 
     @property
     def alive(self) -> bool:
@@ -87,6 +89,9 @@ class EngineClient:
         """Subscribe and complete the hello round trip; raise EngineUnavailable on timeout
         (None: keep trying, for a frontend started before the scheduler)."""
         self.receiver = asyncio.create_task(self._receive_loop())
+        await self._hello(timeout)
+
+    async def _hello(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.connected.is_set():
             if deadline is not None and time.monotonic() > deadline:
@@ -100,8 +105,9 @@ class EngineClient:
                 pass
 
     async def close(self) -> None:
-        if self.receiver is not None:
-            self.receiver.cancel()
+        for task in (self.receiver, self.hello_task):
+            if task is not None:
+                task.cancel()
         self.push.close()
         self.sub.close()
         self.ctx.term()
@@ -116,19 +122,36 @@ class EngineClient:
             match msg:
                 case EngineStatus():
                     self.status, self.status_at = msg, time.monotonic()
+                    if self.instance != msg.instance:
+                        self._scheduler_changed(msg.instance)
                 case HelloAck(seq=seq):
                     self.expected_seq = seq + 1
                     self.connected.set()
                 case TokenBatch():
                     self._deliver(msg)
 
+    def _scheduler_changed(self, instance: str) -> None:
+        """A (re)started scheduler knows nothing of us or our requests: fail those, say hello."""
+        restarted = self.instance is not None
+        self.instance = instance
+        if not restarted:
+            return
+        log.warning("the scheduler restarted; failing %d requests, reconnecting", len(self.queues))
+        self._fail_all("the engine restarted while the request ran")
+        self.connected.clear()
+        self.expected_seq = None
+        self.hello_task = asyncio.create_task(self._hello(None))
+
+    def _fail_all(self, error: str) -> None:
+        for request_id, queue in self.queues.items():
+            queue.put_nowait(RequestOutput(request_id, [], finish_reason=ERROR, error=error))
+
     def _deliver(self, batch: TokenBatch) -> None:
         if batch.seq != self.expected_seq:
             error = f"lost token batches: expected #{self.expected_seq}, got #{batch.seq}"
             log.error("%s; failing %d requests", error, len(self.queues))
             self.expected_seq = batch.seq + 1
-            for request_id, queue in self.queues.items():
-                queue.put_nowait(RequestOutput(request_id, [], finish_reason=ERROR, error=error))
+            self._fail_all(error)
             return
         self.expected_seq = batch.seq + 1
         for output in batch.outputs:

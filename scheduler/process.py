@@ -53,6 +53,10 @@ class WorkerLost(Exception):
     """A worker failed or went silent; the whole group must restart."""
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
 @dataclass
 class StepStats:
     """Where the scheduler's time goes: its own work versus waiting for the workers."""
@@ -85,6 +89,7 @@ class Engine:
         self.in_flight: float | None = None  # when the step in flight was sent
         self.stats = StepStats()
         self.stopping = False
+        self.instance = f"{os.getpid()}-{time.time_ns()}"
         self.poller = zmq.Poller()
         self.poller.register(self.requests, zmq.POLLIN)
         self.poller.register(self.results, zmq.POLLIN)
@@ -104,6 +109,7 @@ class Engine:
         s = self.scheduler
         status = EngineStatus(
             workers_alive=alive,
+            instance=self.instance,
             num_running=s.num_running if s else 0,
             num_waiting=s.num_waiting if s else 0,
             free_blocks=s.num_free_blocks if s else 0,
@@ -153,6 +159,8 @@ class Engine:
                     )
             self.drain_requests()  # answer hellos so frontends can start while we load
             self.check_liveness(self.config.worker_timeout)
+            if self.stopping:
+                raise Stopped("stopped before the workers were ready")
             if time.monotonic() > deadline:
                 raise WorkerLost(f"workers not ready after {STARTUP_TIMEOUT_S:.0f}s")
         return min(r.num_blocks for r in ready.values())
@@ -244,13 +252,25 @@ class Engine:
     def shutdown_workers(self, reason: str) -> None:
         data = self.plan_codec.encode(Shutdown(reason))
         for sock in self.plans:
-            sock.send(data, zmq.NOBLOCK)
+            try:
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:  # that worker is gone already (or never came)
+                pass
 
     def close(self) -> None:
         time.sleep(0.2)  # let the last publications leave before the sockets close
         for sock in [self.requests, self.tokens, self.results, *self.plans]:
             sock.close(linger=500)
         self.ctx.term()
+        for name in [
+            "requests",
+            "tokens",
+            "results",
+            *[f"plans{r}" for r in range(self.config.tp)],
+        ]:
+            address = self.config.address(name)
+            if address.startswith("ipc://") and os.path.exists(address[len("ipc://") :]):
+                os.unlink(address[len("ipc://") :])
 
 
 def serve(config: Config) -> int:
@@ -274,6 +294,10 @@ def serve(config: Config) -> int:
         engine.run()
         engine.fail_everything("server is shutting down")
         engine.shutdown_workers("scheduler stopped")
+        return 0
+    except Stopped as exc:
+        log.info("%s", exc)
+        engine.shutdown_workers(str(exc))
         return 0
     except WorkerLost as exc:
         log.error("%s; failing all requests and exiting", exc)

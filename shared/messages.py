@@ -121,6 +121,7 @@ class EngineStatus(msgspec.Struct, tag=True, **HOT):
     """Published to every frontend on a fixed topic, twice a second."""
 
     workers_alive: bool
+    instance: str = ""  # new on every scheduler start: frontends say hello again on a change
     num_running: int = 0
     num_waiting: int = 0
     free_blocks: int = 0

@@ -17,7 +17,7 @@ import openai
 import pytest
 from server_fixtures import ChatReference, free_port, wait_for
 
-from deploy.launcher import server, spawn, stop, wait_healthy
+from deploy.launcher import engine_processes, server, spawn, stop, wait_healthy
 from shared.config import Config, new_run_id
 
 PROMPTS = [[{"role": "user", "content": f"tell me about the {w} {i}"}] for i, w in enumerate(
@@ -97,3 +97,24 @@ def test_engine_failure_is_a_clear_error_not_a_hang(checkpoints: dict, workdir: 
         with pytest.raises(openai.InternalServerError) as refused:
             client.chat.completions.create(model="llama", messages=PROMPTS[0], max_tokens=4)
         assert refused.value.status_code == 503 and time.monotonic() - started < 2
+
+
+def test_frontend_rejoins_a_restarted_engine(checkpoints: dict, workdir: str) -> None:
+    """Scheduler and worker restarted under a running frontend (as a supervisor does): the
+    frontend notices the new scheduler, says hello again, and serves."""
+    config = make_config(checkpoints["llama"], workdir)
+    log_path = os.path.join(workdir, "server.log")
+    with server(config, log_path) as srv:
+        client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
+        first = client.chat.completions.create(
+            model="llama", messages=PROMPTS[1], max_tokens=6, temperature=0
+        )
+        for name in ("scheduler", "worker0"):
+            stop(srv["procs"][name])
+        wait_for(lambda: httpx.get(srv["url"] + "/health").status_code == 503, 10, "503")
+        srv["procs"].update(engine_processes(config, log_path))
+        wait_for(lambda: httpx.get(srv["url"] + "/health").status_code == 200, 60, "200 again")
+        again = client.chat.completions.create(
+            model="llama", messages=PROMPTS[1], max_tokens=6, temperature=0
+        )
+    assert again.choices[0].message.content == first.choices[0].message.content

@@ -176,8 +176,6 @@ def test_units_shape() -> None:
             assert f"\n{key}=vlmserve-scheduler.service" in text[name], (name, key)
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze "
-                    "(Debian package systemd)")  # fmt: skip
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     shipped_units(tmp_path, str(BIN / "vlmserve"))
     names = ["vlmserve-scheduler.service", "vlmserve-worker@0.service", "vlmserve-frontend.service"]
@@ -247,7 +245,7 @@ def user_manager(root: Path) -> Iterator[dict[str, str]]:
 
 def test_units_restart_the_group_when_a_worker_dies(tmp_path: Path, demo_checkpoint: str) -> None:
     if reason := can_run_user_manager():
-        pytest.skip(reason)
+        pytest.fail(f"cannot run the units here: {reason}")
     run_id, port = new_run_id(), free_port()
     url = f"http://127.0.0.1:{port}"
     env_file = tmp_path / "vlmserve.env"
