@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -99,13 +100,13 @@ def test_worker_death_fails_requests_and_stops_scheduler(checkpoints: dict, work
     with engine(checkpoints["llama"], workdir, num_kv_blocks=512, worker_timeout=2.0) as eng:
         procs = eng["procs"]
         killer_started = []
+        # The engine is up once it has answered: only then start the clock on the kill.
+        run_requests(eng["config"], [(prompts[0], SamplingParams(max_tokens=2))], timeout=120)
 
         def kill_soon() -> None:
-            time.sleep(3.0)  # well after the requests are running
+            time.sleep(1.5)  # the long requests are running by then
             killer_started.append(time.monotonic())
             os.kill(procs["worker0"].pid, signal.SIGKILL)
-
-        import threading
 
         threading.Thread(target=kill_soon, daemon=True).start()
         results, _ = run_requests(eng["config"], [(p, long) for p in prompts], timeout=60)
