@@ -293,3 +293,40 @@ def test_scheduler_death_ends_every_rank(build, workdir: str) -> None:
                 procs[name].wait(timeout=max(0.1, killed_at + 8 - time.monotonic()))
             assert procs[name].returncode is not None, f"{name} outlived its scheduler by 8 s"
             assert procs[name].returncode != 0, f"{name} exited 0 without being told to"
+
+
+def test_llava_tp2_matches_transformers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A vision-language model at --tp 2 through the real server: each rank runs the vision
+    tower for the step's new images (no rank holds more than another), the decoder is
+    sharded, and the answer is transformers' greedy one for the same processor and template."""
+    import openai
+    from PIL import Image
+    from server_fixtures import free_port
+    from vlm_reference import VLMReference, data_url
+
+    from deploy.launcher import server
+    from shared.config import new_run_id
+    from workers.demo_vlm import build_llava
+
+    root = tmp_path_factory.mktemp("llava-tp")
+    model_dir = build_llava(str(root / "ckpt"), next_=True)
+    image = Image.new("RGB", (50, 30), (200, 40, 90))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "text", "text": "what is this"},
+    ]}]  # fmt: skip
+    ref = VLMReference(model_dir)
+    prompt_len, tokens = ref.greedy(messages, [image], 12)
+    expected = ref.text(tokens)
+    del ref
+    config = Config(
+        model=model_dir, run_id=new_run_id(), ipc_dir=str(root), server_name="127.0.0.1",
+        server_port=free_port(), tp=2, log_level="WARNING",
+    )  # fmt: skip
+    with server(config, str(root / "server.log")) as srv:
+        client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(
+            model="ckpt", messages=messages, max_tokens=12, temperature=0
+        )
+    assert reply.usage.prompt_tokens == prompt_len
+    assert reply.choices[0].message.content == expected, f"transformers' tokens: {tokens}"
