@@ -9,18 +9,16 @@ image URL for a local one (this machine has no internet), and then for a data UR
 
 from __future__ import annotations
 
-import http.server
 import os
 import re
 import shlex
 import subprocess
 import sys
-import threading
 
 import pexpect
 import pytest
 from PIL import Image
-from server_fixtures import free_port
+from server_fixtures import file_server, free_port
 from vlm_reference import data_url
 
 from deploy.launcher import server
@@ -57,25 +55,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     arch = re.search(r"--arch (\S+)", serve).group(1)
     model_dir = build_vision_checkpoint(str(root / "demo-checkpoint"), arch)
     Image.new("RGB", (64, 48), (200, 120, 30)).save(root / "cat.png")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     config = Config(
         model=model_dir, run_id=new_run_id(), ipc_dir=str(root), server_name="127.0.0.1",
         server_port=free_port(), allowed_media_domains="127.0.0.1", log_level="WARNING",
     )  # fmt: skip
-    with server(config, str(root / "server.log")) as srv:
-        srv["image_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
+    with file_server(str(root)) as files, server(config, str(root / "server.log")) as srv:
+        srv["image_url"] = f"{files}/cat.png"
         srv["image"] = root / "cat.png"
         yield srv
-    httpd.shutdown()
 
 
 def local(snippet: str, srv: dict, image_url: str) -> str:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
 import io
 import os
-import threading
 import time
 
 import httpx
@@ -22,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from server_fixtures import free_port
+from server_fixtures import file_server, free_port
 from vlm_reference import VLMReference, data_url
 
 from deploy.launcher import server
@@ -49,18 +47,8 @@ def image_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("images")
     for i, img in enumerate(make_images()):
         img.save(root / f"{i}.png")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with file_server(str(root)) as url:
+        yield url
 
 
 BUILDERS = {

@@ -110,6 +110,21 @@ def build_tokenizer(vocab_size: int, special: list[str], bos: str | None, seed: 
     return tok
 
 
+def fast_tokenizer(
+    vocab_size: int, special: list[str], bos: str | None, eos: str, seed: int
+) -> transformers.PreTrainedTokenizerFast:
+    """build_tokenizer's result as the transformers tokenizer a checkpoint saves; the first
+    special token is the padding (and, with a BOS, the unknown) token."""
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(vocab_size, special, bos, seed),
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=special[0] if bos else None,
+        pad_token=special[0],
+        model_max_length=4096,
+    )
+
+
 def _text_family(arch: str) -> tuple[type, type, dict, list[str], str | None, str, str]:
     """Config class, model class, extra config, special tokens, bos, eos and chat template."""
     llama_special = ["<unk>", "<s>", "</s>"]
@@ -150,17 +165,9 @@ def build_checkpoint(
     config_cls, model_cls, extra, special, bos, eos, template = _text_family(arch)
     shape = SIZES[size] | overrides
     log.info("building %s/%s checkpoint in %s: %s", arch, size, out_dir, shape)
-    tok = build_tokenizer(shape["vocab_size"], special, bos, seed)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=special[0] if bos else None,
-        pad_token=special[0],
-        model_max_length=2048,
-    )
+    fast = fast_tokenizer(shape["vocab_size"], special, bos, eos, seed)
     fast.chat_template = template
-    ids = {name: tok.token_to_id(name) for name in special}
+    ids = {name: fast.convert_tokens_to_ids(name) for name in special}
     config = config_cls(
         **shape,
         **extra,

@@ -17,7 +17,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from workers.demo_checkpoint import build_tokenizer
+from workers.demo_checkpoint import fast_tokenizer
 
 log = logging.getLogger("vlmserve.demo_vlm")
 
@@ -58,15 +58,7 @@ QWEN_VL_TEMPLATE = (
 
 
 def _fast_tokenizer(special: list[str], bos: str | None, eos: str, seed: int):  # noqa: ANN202
-    tok = build_tokenizer(512, special, bos, seed)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=special[0] if bos else None,
-        pad_token=special[0],
-        model_max_length=4096,
-    )
+    return fast_tokenizer(512, special, bos, eos, seed)
 
 
 def _save(
