@@ -64,6 +64,34 @@ class ChoiceDelta:
     num_cached_tokens: int = 0
 
 
+@dataclass
+class Choice:
+    """One choice, whole: what a non-streamed answer reports."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def collect_choices(
+    deltas: AsyncIterator[ChoiceDelta], count: int
+) -> tuple[list[Choice], int]:
+    """Join the deltas of `count` choices; also return the prompt tokens the prefix cache
+    served (the most any choice had)."""
+    choices = [Choice() for _ in range(count)]
+    cached = 0
+    async with aclosing(deltas) as events:
+        async for d in events:
+            choice = choices[d.index]
+            choice.text += d.text
+            choice.token_ids.extend(d.token_ids)
+            choice.logprobs.extend(d.logprobs or [])
+            choice.finish_reason = d.finish_reason
+            cached = max(cached, d.num_cached_tokens)
+    return choices, cached
+
+
 class EngineError(Exception):
     """The engine failed a request (a worker died, or it refused the request)."""
 

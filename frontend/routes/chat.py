@@ -12,7 +12,13 @@ import msgspec
 from falcon.asgi import SSEvent
 
 from frontend.errors import APIError, bad_request, service_unavailable
-from frontend.generation import ChoiceDelta, EnginePrompt, TextOptions, generate_choices
+from frontend.generation import (
+    ChoiceDelta,
+    EnginePrompt,
+    TextOptions,
+    collect_choices,
+    generate_choices,
+)
 from frontend.images import load_images
 from frontend.schemas import (
     AssistantMessage,
@@ -123,29 +129,19 @@ class ChatCompletionsResource:
         created: int,
         prompt_len: int,
     ) -> ChatCompletion:
-        texts = {i: [] for i in range(body.n)}
-        tokens = {i: [] for i in range(body.n)}
-        lps = {i: [] for i in range(body.n)}
-        finish: dict[int, str | None] = {}
-        cached = 0
-        async with aclosing(deltas) as events:
-            async for d in events:
-                texts[d.index].append(d.text)
-                tokens[d.index].extend(d.token_ids)
-                lps[d.index].extend(d.logprobs or [])
-                finish[d.index] = d.finish_reason
-                cached = max(cached, d.num_cached_tokens)
-        want_lps = body.logprobs
+        joined, cached = await collect_choices(deltas, body.n)
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content="".join(texts[i])),
-                logprobs=chat_logprobs(self.state, tokens[i], lps[i]) if want_lps else None,
-                finish_reason=finish.get(i),
+                message=AssistantMessage(content=c.text),
+                logprobs=chat_logprobs(self.state, c.token_ids, c.logprobs)
+                if body.logprobs
+                else None,
+                finish_reason=c.finish_reason,
             )
-            for i in range(body.n)
+            for i, c in enumerate(joined)
         ]
-        completion = sum(len(t) for t in tokens.values())
+        completion = sum(len(c.token_ids) for c in joined)
         return ChatCompletion(
             id=reply_id,
             created=created,

@@ -11,7 +11,13 @@ import falcon.asgi
 from falcon.asgi import SSEvent
 
 from frontend.errors import APIError, bad_request, service_unavailable
-from frontend.generation import ChoiceDelta, EnginePrompt, TextOptions, generate_choices
+from frontend.generation import (
+    ChoiceDelta,
+    EnginePrompt,
+    TextOptions,
+    collect_choices,
+    generate_choices,
+)
 from frontend.routes.chat import encoder, sse
 from frontend.schemas import (
     Completion,
@@ -102,31 +108,18 @@ class CompletionsResource:
         echoes: list[str],
         prompt_tokens: int,
     ) -> Completion:
-        count = len(echoes) * body.n
-        texts = [[echoes[i // body.n]] for i in range(count)]
-        tokens: list[list[int]] = [[] for _ in range(count)]
-        lps: list[list[TokenLogprob]] = [[] for _ in range(count)]
-        finish: list[str | None] = [None] * count
-        cached = 0
-        async with aclosing(deltas) as events:
-            async for d in events:
-                texts[d.index].append(d.text)
-                tokens[d.index].extend(d.token_ids)
-                lps[d.index].extend(d.logprobs or [])
-                finish[d.index] = d.finish_reason
-                cached = max(cached, d.num_cached_tokens)
-        reply.choices = [
-            CompletionChoice(
-                text="".join(texts[i]),
-                index=i,
-                logprobs=None
-                if body.logprobs is None
-                else completion_logprobs(self.state, tokens[i], lps[i], len(echoes[i // body.n])),
-                finish_reason=finish[i],
+        joined, cached = await collect_choices(deltas, len(echoes) * body.n)
+        reply.choices = []
+        for i, c in enumerate(joined):
+            echo = echoes[i // body.n]
+            lps = None
+            if body.logprobs is not None:
+                lps = completion_logprobs(self.state, c.token_ids, c.logprobs, len(echo))
+            choice = CompletionChoice(
+                text=echo + c.text, index=i, logprobs=lps, finish_reason=c.finish_reason
             )
-            for i in range(count)
-        ]
-        reply.usage = make_usage(prompt_tokens, sum(len(t) for t in tokens), cached)
+            reply.choices.append(choice)
+        reply.usage = make_usage(prompt_tokens, sum(len(c.token_ids) for c in joined), cached)
         return reply
 
     async def stream(
