@@ -29,6 +29,7 @@ from frontend.routes.ui import UIResource
 from frontend.state import FrontendState
 from shared.config import Config
 from shared.model_info import read_model_info
+from shared.model_info import session_len as model_session_len
 
 log = logging.getLogger("vlmserve.frontend")
 
@@ -81,7 +82,7 @@ class EngineConnection:
 
 def create_app(config: Config) -> falcon.asgi.App:
     info = read_model_info(config.model)
-    session_len = config.session_len or info.max_position_embeddings
+    session_len = model_session_len(config.session_len, info)
     prompter = Prompter(config.model, session_len, info.architecture)
     state = FrontendState(
         config=config,

@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -117,8 +118,12 @@ class EngineClient:
 
     async def _receive_loop(self) -> None:
         while True:
-            topic, data = await self.sub.recv_multipart()
-            msg = self.engine_codec.decode(data)
+            frames = await self.sub.recv_multipart()
+            try:
+                msg = self.engine_codec.decode(frames[-1])
+            except msgspec.DecodeError:  # not from our scheduler: never let it stop the loop
+                log.error("dropped an undecodable message on the token socket")
+                continue
             match msg:
                 case EngineStatus():
                     self.status, self.status_at = msg, time.monotonic()
@@ -143,8 +148,17 @@ class EngineClient:
         self.hello_task = asyncio.create_task(self._hello(None))
 
     def _fail_all(self, error: str) -> None:
+        """End every request in flight with `error`, and abort them on the scheduler (which
+        may still be running them) so their blocks are freed."""
         for request_id, queue in self.queues.items():
             queue.put_nowait(RequestOutput(request_id, [], finish_reason=ERROR, error=error))
+        if self.queues:
+            ids = list(self.queues)
+            asyncio.get_running_loop().create_task(self._abort_all(ids))
+
+    async def _abort_all(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            await self._send(Abort(request_id))
 
     def _deliver(self, batch: TokenBatch) -> None:
         if batch.seq != self.expected_seq:

@@ -16,8 +16,9 @@ import msgspec
 
 from frontend.detokenizer import TextStream, Tokenizer
 from frontend.engine_client import EngineClient
-from frontend.errors import APIError, service_unavailable
+from frontend.errors import APIError, bad_request, service_unavailable
 from frontend.multimodal import ProcessedImage
+from frontend.schemas import SamplingFields, stop_strings
 from shared.arrays import to_frames
 from shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
 
@@ -50,6 +51,15 @@ class TextOptions:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+
+    @classmethod
+    def of(cls, req: SamplingFields) -> TextOptions:
+        return cls(
+            stop=stop_strings(req),
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+        )
 
 
 @dataclass
@@ -116,6 +126,8 @@ async def _run_choice(
     async with aclosing(outputs):
         async for output in outputs:
             if output.finish_reason == ERROR:
+                if output.rejected:
+                    raise bad_request(output.error or "the engine refused the request")
                 raise EngineError(output.error or "the engine failed this request")
             text = stream.add(output.token_ids)
             finish = "stop" if stream.stopped else output.finish_reason

@@ -42,11 +42,16 @@ def placeholder_runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    """With the tokenizer's own special tokens (a Llama BOS) unless the text begins with them."""
+def needs_special_tokens(tokenizer: Any, text: str) -> bool:
+    """Whether tokenizing a rendered chat should add the tokenizer's own special tokens (a
+    Llama BOS): yes, unless the template already wrote them, as the model's processor does.
+    (`apply_chat_template(tokenize=True)` would silently drop a BOS the template leaves out.)"""
     bos = tokenizer.bos_token
-    already = bos is not None and text.startswith(bos)
-    return tokenizer(text, add_special_tokens=not already)["input_ids"]
+    return not (bos is not None and text.startswith(bos))
+
+
+def tokenize_rendered(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=needs_special_tokens(tokenizer, text))["input_ids"]
 
 
 class LlavaImages:
@@ -61,12 +66,11 @@ class LlavaImages:
     def process(
         self, text: str, images: list[Image.Image]
     ) -> tuple[list[int], list[ProcessedImage]]:
-        bos = self.processor.tokenizer.bos_token
         out = self.processor(
             text=[text],
             images=images,
             return_tensors="np",
-            add_special_tokens=not (bos is not None and text.startswith(bos)),
+            add_special_tokens=needs_special_tokens(self.processor.tokenizer, text),
         )
         ids = out["input_ids"][0].tolist()
         runs = placeholder_runs(ids, self.image_token_id)
@@ -127,7 +131,7 @@ class LlavaOriginalImages:
             raise ValueError(f"{len(chunks) - 1} image placeholders for {len(images)} images")
         out = self.image_processor(images=images, return_tensors="np")
         crop = self.image_processor.crop_size
-        ids = _tokenize(self.tokenizer, chunks[0])
+        ids = tokenize_rendered(self.tokenizer, chunks[0])
         processed = []
         for i, (chunk, img) in enumerate(zip(chunks[1:], images, strict=True)):
             height, width = out["image_sizes"][i].tolist()
@@ -164,7 +168,7 @@ class QwenVLImages:
             raise ValueError(f"{len(parts) - 1} image placeholders for {len(images)} images")
         counts = [int(np.prod(g)) // merge for g in grids]
         text = parts[0] + "".join(self.pad * n + p for n, p in zip(counts, parts[1:], strict=True))
-        ids = _tokenize(self.tokenizer, text)
+        ids = tokenize_rendered(self.tokenizer, text)
         bounds = np.cumsum([0, *[int(np.prod(g)) for g in grids]])
         runs = placeholder_runs(ids, self.image_token_id)
         return ids, [

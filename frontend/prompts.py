@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jinja2
 import msgspec
 import transformers
 from PIL import Image
 
 from frontend.errors import bad_request
-from frontend.multimodal import ProcessedImage, image_processor_for
+from frontend.multimodal import ProcessedImage, image_processor_for, tokenize_rendered
 from frontend.schemas import ChatMessage, ImagePart
 
 # The conversation format of the original LLaVA-1.5/1.6 Vicuna checkpoints ("vicuna_v1"), whose
@@ -41,8 +42,6 @@ class Prompter:
         self.images = image_processor_for(model_dir, architecture)  # None: text only
         if self.tokenizer.chat_template is None and architecture == "LlavaLlamaForCausalLM":
             self.tokenizer.chat_template = VICUNA_V1_TEMPLATE
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"{model_dir} has no chat template; /v1/chat/completions needs one")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """The conversation as the chat template writes it."""
@@ -56,9 +55,16 @@ class Prompter:
                     for part in message.content
                 ]
             dicts.append({k: v for k, v in turn.items() if v is not None})
-        return self.tokenizer.apply_chat_template(
-            dicts, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        if self.tokenizer.chat_template is None:
+            raise bad_request("this model has no chat template: use /v1/completions", "messages")
+        try:
+            return self.tokenizer.apply_chat_template(
+                dicts, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as exc:  # e.g. roles that do not alternate
+            raise bad_request(
+                f"the model's chat template refused the messages: {exc}", "messages"
+            ) from exc
 
     def render_chat_text(self, text: str) -> str:
         """A plain string as one user turn, rendered by the chat template."""
@@ -67,11 +73,8 @@ class Prompter:
         )
 
     def encode_rendered(self, text: str) -> list[int]:
-        """Token ids of a rendered chat, with the tokenizer's own special tokens (a Llama BOS)
-        unless the template already wrote them, as the model's processor would tokenize it."""
-        bos = self.tokenizer.bos_token
-        already = bos is not None and text.startswith(bos)
-        return self.tokenizer(text, add_special_tokens=not already)["input_ids"]
+        """Token ids of a rendered chat, as the model's processor would tokenize it."""
+        return tokenize_rendered(self.tokenizer, text)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]

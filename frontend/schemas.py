@@ -85,7 +85,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: Annotated[
@@ -111,7 +111,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
         if self.top_k is not None and self.top_k < -1:
             raise bad_request("`top_k` must be -1 or 0 (off) or a positive number", "top_k")
         for key in self.logit_bias or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise bad_request(f"`logit_bias` keys must be token ids, got {key!r}", "logit_bias")
 
 

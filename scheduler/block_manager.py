@@ -11,11 +11,23 @@ cache, so a later request can hit it until the block is handed out again for new
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
-# (parent block hash or None for the first block, the block's tokens, extra key or None)
-BlockKey = tuple[int | None, tuple[int, ...], Hashable | None]
+import msgspec
+
+# (parent block digest or None for the first block, the block's tokens, extra key or None)
+BlockKey = tuple[bytes | None, tuple[int, ...], Hashable | None]
+
+
+def block_digest(key: BlockKey) -> bytes:
+    """A collision-resistant digest of a block and, through its parent's, of its whole prefix.
+
+    Python's hash() would let a crafted prompt collide with another user's prefix and read
+    their KV blocks; a cryptographic digest of the chain does not.
+    """
+    return hashlib.blake2b(msgspec.msgpack.encode(key), digest_size=16).digest()
 
 
 class NoFreeBlocks(RuntimeError):
@@ -48,8 +60,9 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._key: list[BlockKey | None] = [None] * num_blocks
-        self._hash: list[int | None] = [None] * num_blocks
-        # Keyed by the full key (not its hash), so a dict lookup also compares the tokens.
+        self._hash: list[bytes | None] = [None] * num_blocks
+        # Keyed by the full key: a lookup compares this block's tokens, and its parent digest
+        # stands for everything before.
         self._cached: dict[BlockKey, int] = {}
 
     @property
@@ -80,7 +93,7 @@ class BlockManager:
         """
         bs = self.block_size
         hits: list[int] = []
-        parent: int | None = None
+        parent: bytes | None = None
         for i in range(len(token_ids) // bs):
             key: BlockKey = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), _extra(extra_keys, i))
             block = self._cached.get(key)
@@ -111,7 +124,7 @@ class BlockManager:
             key: BlockKey = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), _extra(extra_keys, i))
             block = block_table[i]
             self._key[block] = key
-            self._hash[block] = hash(key)
+            self._hash[block] = block_digest(key)
             # Two requests that computed the same prefix side by side: the first registered
             # block stays the canonical one; this one keeps its key (its children chain on it)
             # but is not findable.

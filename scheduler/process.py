@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from scheduler.scheduler import Scheduler
@@ -41,6 +42,7 @@ from shared.messages import (
     WorkerReady,
 )
 from shared.model_info import read_model_info
+from shared.model_info import session_len as model_session_len
 from shared.sockets import Codec, make_socket
 
 STATUS_EVERY_S = 0.5
@@ -170,7 +172,11 @@ class Engine:
     def drain_requests(self) -> None:
         while self.requests.poll(0):
             head, *frames = self.requests.recv_multipart()
-            msg = self.frontend_codec.decode(head)
+            try:
+                msg = self.frontend_codec.decode(head)
+            except msgspec.DecodeError:  # with tcp, anyone may connect: never die of it
+                log.error("dropped an undecodable message on the requests socket")
+                continue
             match msg:
                 case Hello(frontend_id=frontend_id):
                     self.topic_seq[frontend_id] = 0
@@ -218,7 +224,7 @@ class Engine:
     def run(self) -> None:
         num_blocks = self.wait_for_workers()
         info = read_model_info(self.config.model)
-        session_len = self.config.session_len or info.max_position_embeddings
+        session_len = model_session_len(self.config.session_len, info)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=self.config.block_size,
@@ -303,6 +309,11 @@ def serve(config: Config) -> int:
         log.error("%s; failing all requests and exiting", exc)
         engine.fail_everything(f"engine failure: {exc}")
         engine.shutdown_workers(str(exc))
+        return 1
+    except Exception as exc:  # a bug: still fail the requests and stop the group, then exit
+        log.exception("scheduler failed; failing all requests and exiting")
+        engine.fail_everything(f"engine failure: scheduler error {type(exc).__name__}: {exc}")
+        engine.shutdown_workers("scheduler failed")
         return 1
     finally:
         engine.close()

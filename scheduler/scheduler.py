@@ -124,7 +124,9 @@ class Scheduler:
         """
         error = self._check(submit)
         if error is not None:
-            return RequestOutput(submit.request_id, [], finish_reason=ERROR, error=error)
+            return RequestOutput(
+                submit.request_id, [], finish_reason=ERROR, error=error, rejected=True
+            )
         sp = submit.sampling
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
         req = Request(

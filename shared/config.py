@@ -108,7 +108,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         checks = [
-            (self.tp >= 1, "--tp must be at least 1"),
+            (1 <= self.tp <= 64, "--tp must be between 1 and 64"),
             (0 <= self.rank < self.tp, f"--rank must be in [0, {self.tp})"),
             (
                 self.nnodes >= 1 and self.tp % self.nnodes == 0,

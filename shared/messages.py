@@ -104,6 +104,7 @@ class RequestOutput(msgspec.Struct, **HOT):
     finish_reason: str | None = None
     error: str | None = None
     num_cached_tokens: int = 0
+    rejected: bool = False  # the request itself can never run here (a 400, not a 503)
 
 
 class TokenBatch(msgspec.Struct, tag=True, **HOT):

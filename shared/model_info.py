@@ -50,3 +50,12 @@ def read_model_info(model_dir: str) -> ModelInfo:
         eos_token_ids=eos,
         max_position_embeddings=max_len,
     )
+
+
+def session_len(requested: int, info: ModelInfo) -> int:
+    """--session-len, or the model's context length when 0; never beyond what it was trained
+    for (its position tables end there)."""
+    if requested > info.max_position_embeddings:
+        limit = info.max_position_embeddings
+        raise ValueError(f"--session-len {requested} exceeds the model's {limit} positions")
+    return requested or info.max_position_embeddings

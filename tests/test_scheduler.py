@@ -290,6 +290,7 @@ def test_add_errors():
     for rid, (tokens, msg) in cases.items():
         out = sched.add(submit(rid, tokens))
         assert out.request_id == rid and out.finish_reason == ERROR and msg in out.error
+        assert out.rejected, "a request that can never run is the client's error (a 400)"
     assert sched.add(submit("ok", [1])) is None
     assert "already in use" in sched.add(submit("ok", [1])).error
     assert "max_tokens" in sched.add(submit("zero", [1], max_tokens=0)).error

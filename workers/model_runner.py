@@ -107,15 +107,15 @@ class ModelRunner:
                 positions.append(state.mrope.span(start, end))
             else:
                 positions.append(torch.arange(start, end))
-            if state.images:
+            if state.images and start < state.images[-1].offset + state.images[-1].length:
                 image_spans.append((row, start, end, state.images))
-            ctx_slots = self._slots(state.block_table, 0, end)
-            slot_mapping.append(ctx_slots[start:])
+            slot_mapping.append(self._slots(state.block_table, start, end))
             if step.num_tokens == 1 and start > 0:
                 decode_rows.append(row)
                 decode_steps.append(step)
             else:
-                cached = ctx_slots if start > 0 else None
+                # A chunk after cached tokens attends to them too: all its context's slots.
+                cached = self._slots(state.block_table, 0, end) if start > 0 else None
                 prefills.append(PrefillSpan(row, step.num_tokens, end, cached))
             if step.sample:
                 sample_rows.append(row + step.num_tokens - 1)

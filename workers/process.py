@@ -37,6 +37,7 @@ from shared.messages import (
     WorkerReady,
 )
 from shared.model_info import read_model_info
+from shared.model_info import session_len as model_session_len
 from shared.sockets import Codec, make_socket
 from workers.kv_cache import allocate_kv_cache, num_blocks_for
 from workers.loader import load_model
@@ -114,7 +115,7 @@ def serve(config: Config) -> int:
         group = join_group(config, device)  # before the model: layers shard by the group
         model = load_model(config.model, dtype, device)
         info = read_model_info(config.model)
-        session_len = config.session_len or info.max_position_embeddings
+        session_len = model_session_len(config.session_len, info)
         num_blocks = num_blocks_for(config, model, dtype, device, session_len)
         allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
         # Every rank runs the plan (the layers' collectives need all of them) and ends with

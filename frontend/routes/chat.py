@@ -35,22 +35,12 @@ from frontend.schemas import (
     TopLogprob,
     decode_request,
     make_usage,
-    stop_strings,
     to_sampling_params,
 )
 from frontend.state import FrontendState
 from shared.messages import TokenLogprob
 
 encoder = msgspec.json.Encoder()
-
-
-def text_options(req: ChatCompletionRequest) -> TextOptions:
-    return TextOptions(
-        stop=stop_strings(req),
-        include_stop_str_in_output=req.include_stop_str_in_output,
-        skip_special_tokens=req.skip_special_tokens,
-        spaces_between_special_tokens=req.spaces_between_special_tokens,
-    )
 
 
 def chat_logprobs(
@@ -111,7 +101,7 @@ class ChatCompletionsResource:
             raise service_unavailable("the engine is not running")
         prompt = EnginePrompt.with_images(prompt_ids, processed)
         tokenizer = state.prompter.tokenizer
-        options = text_options(body)
+        options = TextOptions.of(body)
         deltas = generate_choices(state.engine, tokenizer, [prompt], sampling, body.n, options)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:

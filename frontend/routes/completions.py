@@ -27,7 +27,6 @@ from frontend.schemas import (
     completion_prompts,
     decode_request,
     make_usage,
-    stop_strings,
     to_sampling_params,
 )
 from frontend.state import FrontendState
@@ -77,12 +76,7 @@ class CompletionsResource:
         sampling = to_sampling_params(body, default_max_tokens=min(rooms))
         if not await state.engine.ready():
             raise service_unavailable("the engine is not running")
-        text = TextOptions(
-            stop=stop_strings(body),
-            include_stop_str_in_output=body.include_stop_str_in_output,
-            skip_special_tokens=body.skip_special_tokens,
-            spaces_between_special_tokens=body.spaces_between_special_tokens,
-        )
+        text = TextOptions.of(body)
         engine_prompts = [EnginePrompt(p) for p in prompts]
         tokenizer = state.prompter.tokenizer
         deltas = generate_choices(state.engine, tokenizer, engine_prompts, sampling, body.n, text)
@@ -146,7 +140,8 @@ class CompletionsResource:
                         lps = completion_logprobs(
                             self.state, d.token_ids, d.logprobs or [], offsets[d.index]
                         )
-                    offsets[d.index] += len(d.text)
+                    if lps is not None and lps.tokens:
+                        offsets[d.index] = lps.text_offset[-1] + len(lps.tokens[-1])
                     reply.choices = [
                         CompletionChoice(
                             text=text, index=d.index, logprobs=lps, finish_reason=d.finish_reason

@@ -48,7 +48,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
         inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        positions = torch.arange(max_positions, dtype=torch.float)
+        # transformers' initialisers return CPU tensors; the table lives where the model does.
+        freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
         # [max_positions, head_dim // 2]; the two halves of a rotation share their angles
         self.register_buffer("cos_half", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin_half", freqs.sin() * scaling, persistent=False)
@@ -64,10 +66,16 @@ class RotaryEmbedding(nn.Module):
             half = torch.cat(chunks, dim=-1)
         return torch.cat((half, half), dim=-1).unsqueeze(1)  # [tokens, 1, head_dim]
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        cos = self._angles(self.cos_half, positions).to(q.dtype)
-        sin = self._angles(self.sin_half, positions).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """cos and sin at `positions`, [tokens, 1, head_dim]: once per step, for every layer."""
+        cos = self._angles(self.cos_half, positions).to(dtype)
+        return cos, self._angles(self.sin_half, positions).to(dtype)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def apply_rope(rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+    cos, sin = rope
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -12,7 +12,7 @@ from workers.layers.attention import PagedAttention
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from workers.layers.norm import RMSNorm
-from workers.layers.rotary import RotaryEmbedding
+from workers.layers.rotary import Rope, RotaryEmbedding, apply_rope
 
 
 def head_dim_of(config: Any) -> int:
@@ -20,7 +20,7 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
@@ -35,18 +35,17 @@ class LlamaAttention(nn.Module):
             config.hidden_size,
             shard=self.qkv_proj.out_shard,  # this rank's heads, however they split
         )
-        self.rotary = rotary
         self.head_dim = head_dim
         proj = self.qkv_proj
         self.attn = PagedAttention(proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         proj = self.qkv_proj
         q, k, v = proj(x).split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
         q = q.view(-1, proj.num_heads, self.head_dim)
         k = k.view(-1, proj.num_kv_heads, self.head_dim)
         v = v.view(-1, proj.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rope(rope, q, k)
         out = self.attn(q, k, v)  # [tokens, heads, head_dim]
         return self.o_proj(out.flatten(1))
 
@@ -66,15 +65,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding, qkv_bias: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary, qkv_bias)
+        self.self_attn = LlamaAttention(config, qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -82,10 +81,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
-        rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
+        self.rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, qkv_bias) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -96,8 +95,9 @@ class LlamaModel(nn.Module):
         input_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        rope = self.rotary(positions, x.dtype)  # the same angles for every layer
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(rope, x)
         return self.norm(x)
 
 
