@@ -121,10 +121,18 @@ async def _run_choice(
     sampling: SamplingParams,
     stream: TextStream,
     out: asyncio.Queue,
+    prefilled: asyncio.Event,
+    after: asyncio.Event | None,
 ) -> None:
+    """One choice. `prefilled` is set once its prompt's KV exists (its first output); a
+    choice given `after` waits for that of the prompt's first choice, so it reuses those
+    blocks from the prefix cache instead of prefilling the same prompt again."""
+    if after is not None:
+        await after.wait()
     outputs = engine.generate(request_id, prompt.token_ids, sampling, prompt.images, prompt.frames)
     async with aclosing(outputs):
         async for output in outputs:
+            prefilled.set()
             if output.finish_reason == ERROR:
                 if output.rejected:
                     raise bad_request(output.error or "the engine refused the request")
@@ -157,6 +165,7 @@ async def generate_choices(
     base = f"{engine.frontend_id}-{next(_request_numbers)}"
     tasks = []
     for p, prompt in enumerate(prompts):
+        first_prefilled = asyncio.Event()
         for j in range(n):
             stream = TextStream(
                 tokenizer,
@@ -169,7 +178,8 @@ async def generate_choices(
             index = p * n + j
             job = _run_choice(
                 engine, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
-                stream, queue,
+                stream, queue, first_prefilled if j == 0 else asyncio.Event(),
+                None if j == 0 else first_prefilled,
             )  # fmt: skip
             tasks.append(asyncio.create_task(job))
     try:

@@ -162,6 +162,8 @@ def test_n_choices_are_seeded_and_counted(client: openai.OpenAI, srv: dict) -> N
     assert per_choice.choices[0].message.content == texts[0]
     assert first.usage.prompt_tokens == per_choice.usage.prompt_tokens
     assert first.usage.completion_tokens >= 3
+    # Choices after the first reuse its prompt blocks from the prefix cache.
+    assert first.usage.prompt_tokens_details.cached_tokens >= 16
 
 
 def test_stop_string_cuts_exactly(client: openai.OpenAI, srv: dict) -> None:
@@ -272,7 +274,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(client: openai.OpenAI, sr
     for i, _ in enumerate(stream):
         if i == 3:
             break
-    wait_for(lambda: metrics(url)["vlmserve_num_requests_running"] >= 1, 5, "it to run")
+    wait_for(lambda: metrics(url)["vlmserve_num_requests_running"] >= 1, 10, "it to run")
     stream.close()  # the client goes away mid-stream
     wait_for(
         lambda: (
