@@ -14,6 +14,17 @@ import torch
 import transformers
 from hf_reference import hf_greedy
 
+from shared.config import Config, new_run_id
+
+
+def local_config(model: str, workdir: str, **settings: object) -> Config:
+    """A server's Config for a test: its own run id and sockets, loopback, a free port."""
+    base = dict(
+        model=model, run_id=new_run_id(), ipc_dir=str(workdir), server_name="127.0.0.1",
+        server_port=free_port(), log_level="WARNING",
+    )  # fmt: skip
+    return Config(**(base | settings))
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -15,10 +15,9 @@ import httpx
 import openai
 import pytest
 from openapi_spec_validator import validate
-from server_fixtures import ChatReference, free_port, metrics, wait_for
+from server_fixtures import ChatReference, local_config, metrics, wait_for
 
 from deploy.launcher import server
-from shared.config import Config, new_run_id
 
 API_KEY = "sk-test-key"
 SESSION_LEN = 512
@@ -28,18 +27,14 @@ HELLO = [{"role": "user", "content": "hello there, how are you?"}]
 @pytest.fixture(scope="module")
 def srv(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("api")
-    config = Config(
-        model=checkpoints["llama"],
-        run_id=new_run_id(),
-        ipc_dir=str(workdir),
-        server_name="127.0.0.1",
-        server_port=free_port(),
+    config = local_config(
+        checkpoints["llama"],
+        workdir,
         frontend_workers=2,
         api_keys=API_KEY,
         max_body_mb=1,
         session_len=SESSION_LEN,
         num_kv_blocks=1024,
-        log_level="WARNING",
     )
     with server(config, str(workdir / "server.log")) as running:
         running["log"] = str(workdir / "server.log")

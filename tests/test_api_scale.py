@@ -15,26 +15,13 @@ import httpx
 import msgspec
 import openai
 import pytest
-from server_fixtures import ChatReference, free_port, wait_for
+from server_fixtures import ChatReference, free_port, local_config, wait_for
 
 from deploy.launcher import engine_processes, server, spawn, stop, wait_healthy
-from shared.config import Config, new_run_id
 
 PROMPTS = [[{"role": "user", "content": f"tell me about the {w} {i}"}] for i, w in enumerate(
     ["cat", "dog", "red photo", "blue model", "green server", "stream", "batch", "cache"]
 )]  # fmt: skip
-
-
-def make_config(checkpoint: str, workdir: str, **settings: object) -> Config:
-    return Config(
-        model=checkpoint,
-        run_id=new_run_id(),
-        ipc_dir=workdir,
-        server_name="127.0.0.1",
-        server_port=free_port(),
-        log_level="WARNING",
-        **settings,
-    )
 
 
 async def stream_text(url: str, messages: list[dict], max_tokens: int) -> str:
@@ -51,7 +38,7 @@ async def stream_text(url: str, messages: list[dict], max_tokens: int) -> str:
 def test_64_streaming_clients_over_three_frontends(checkpoints: dict, workdir: str) -> None:
     ref = ChatReference(checkpoints["llama"])
     expected = [ref.text(t) for t in ref.greedy([ref.prompt_ids(p) for p in PROMPTS], 16)]
-    config = make_config(checkpoints["llama"], workdir, frontend_workers=2, max_batch_size=64)
+    config = local_config(checkpoints["llama"], workdir, frontend_workers=2, max_batch_size=64)
     with server(config, os.path.join(workdir, "server.log")) as srv:
         extra = msgspec.structs.replace(config, server_port=free_port(), frontend_workers=1)
         lone = spawn("frontend", extra, os.path.join(workdir, "lone-frontend.log"))
@@ -72,7 +59,7 @@ def test_64_streaming_clients_over_three_frontends(checkpoints: dict, workdir: s
 
 
 def test_engine_failure_is_a_clear_error_not_a_hang(checkpoints: dict, workdir: str) -> None:
-    config = make_config(checkpoints["llama"], workdir, worker_timeout=2.0)
+    config = local_config(checkpoints["llama"], workdir, worker_timeout=2.0)
     with server(config, os.path.join(workdir, "server.log")) as srv:
         client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
         stream = client.chat.completions.create(
@@ -102,7 +89,7 @@ def test_engine_failure_is_a_clear_error_not_a_hang(checkpoints: dict, workdir: 
 def test_frontend_rejoins_a_restarted_engine(checkpoints: dict, workdir: str) -> None:
     """Scheduler and worker restarted under a running frontend (as a supervisor does): the
     frontend notices the new scheduler, says hello again, and serves."""
-    config = make_config(checkpoints["llama"], workdir)
+    config = local_config(checkpoints["llama"], workdir)
     log_path = os.path.join(workdir, "server.log")
     with server(config, log_path) as srv:
         client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)

@@ -21,7 +21,7 @@ import pexpect
 import pytest
 from openapi_spec_validator import validate
 from PIL import Image
-from server_fixtures import free_port, metrics, wait_for
+from server_fixtures import free_port, local_config, metrics, wait_for
 
 from deploy.launcher import server
 from frontend.api_client import (
@@ -31,7 +31,6 @@ from frontend.api_client import (
     ServerUnreachable,
 )
 from frontend.chat_cli import printable
-from shared.config import Config, new_run_id
 
 API_KEY = "sk-clients"
 SESSION_LEN = 2048
@@ -41,17 +40,13 @@ HELLO = "hello there, how are you?"
 @pytest.fixture(scope="module")
 def srv(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("clients")
-    config = Config(
-        model=checkpoints["llama"],
-        run_id=new_run_id(),
-        ipc_dir=str(workdir),
-        server_name="127.0.0.1",
-        server_port=free_port(),
+    config = local_config(
+        checkpoints["llama"],
+        workdir,
         frontend_workers=1,
         api_keys=API_KEY,
         session_len=SESSION_LEN,
         num_kv_blocks=1024,
-        log_level="WARNING",
     )
     with server(config, str(workdir / "server.log")) as running:
         running["log"] = str(workdir / "server.log")

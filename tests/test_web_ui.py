@@ -21,11 +21,10 @@ import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
-from server_fixtures import free_port, metrics, wait_for
+from server_fixtures import local_config, metrics, wait_for
 
 from deploy.launcher import server
 from frontend.api_client import APIClient
-from shared.config import Config, new_run_id
 from workers.demo_vlm import build_vision_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,17 +45,13 @@ STREAM_TIMEOUT_MS = 60_000
 @pytest.fixture(scope="module")
 def srv(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("webui")
-    config = Config(
-        model=checkpoints["llama"],
-        run_id=new_run_id(),
-        ipc_dir=str(workdir),
-        server_name="127.0.0.1",
-        server_port=free_port(),
+    config = local_config(
+        checkpoints["llama"],
+        workdir,
         frontend_workers=1,
         api_keys=API_KEY,
         session_len=2048,
         num_kv_blocks=1024,
-        log_level="WARNING",
     )
     with server(config, str(workdir / "server.log")) as running:
         yield running
@@ -240,10 +235,7 @@ def vlm_srv(tmp_path_factory: pytest.TempPathFactory):
     """A second server, on a vision-language demo checkpoint (Qwen2-VL-shaped, no API key)."""
     workdir = tmp_path_factory.mktemp("webui-vlm")
     model_dir = build_vision_checkpoint(str(workdir / "vlm"), "qwen2_vl")
-    config = Config(
-        model=model_dir, run_id=new_run_id(), ipc_dir=str(workdir), server_name="127.0.0.1",
-        server_port=free_port(), log_level="WARNING",
-    )  # fmt: skip
+    config = local_config(model_dir, workdir)
     with server(config, str(workdir / "server.log")) as running:
         yield running
 
