@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from shared.config import add_config_flags, config_from_args, config_to_env, new_run_id
+from shared.config import Config, add_config_flags, config_from_args, config_to_env, new_run_id
 from shared.logs import setup_logging
 
 
@@ -28,24 +28,32 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def process_config(args: argparse.Namespace) -> Config:
+    """The Config of one process, its model resolved like `serve api_server`'s: a local
+    directory, or a hub id fetched (or found in the hub cache) by huggingface_hub."""
+    from deploy.launcher import resolve_model
+
+    return config_from_args(args, model=resolve_model(args.model) if args.model else "")
+
+
 def run_scheduler(argv: list[str]) -> int:
     from scheduler.process import serve
 
     args = _config_parser("scheduler", "Run the scheduler process.").parse_args(argv)
-    return serve(config_from_args(args))
+    return serve(process_config(args))
 
 
 def run_worker(argv: list[str]) -> int:
     from workers.process import serve
 
     args = _config_parser("worker", "Run one worker process (one rank).").parse_args(argv)
-    return serve(config_from_args(args))
+    return serve(process_config(args))
 
 
 def run_frontend(argv: list[str]) -> int:
     """Replace this process with Gunicorn serving `frontend.asgi:app` on the same config."""
     args = _config_parser("frontend", "Run the HTTP frontends (Gunicorn).").parse_args(argv)
-    config = config_from_args(args)
+    config = process_config(args)
     config.address("requests")  # fail now, not in every worker, if the run id is missing
     os.environ.update(config_to_env(config))
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:deploy.gunicorn_conf"]
