@@ -17,7 +17,7 @@ from workers.forward_context import DecodeGroup, ForwardContext, PrefillSpan, st
 from workers.multimodal import ImageInputs, SeqImage, SeqPositions
 from workers.sampler import SamplingInput, sample
 
-DECODE_GROUP = 16  # decodes attended together; see ModelRunner._decode_groups
+DECODE_GROUP = 8  # decodes attended together (8 measured faster than 4, 16, 32 at batch 64)
 
 
 @dataclass
