@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import tempfile
@@ -22,6 +21,7 @@ import time
 
 import torch
 import transformers
+from report import write_json
 
 from deploy.launcher import engine
 from frontend.offline import run_async
@@ -141,10 +141,7 @@ def main() -> None:
         print(f"| {label:26} | {fmt.format(a):>10} | {theirs_cell:>12} |")
     if report["speedup"]:
         print(f"\nvlmserve / transformers output throughput: {report['speedup']:.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

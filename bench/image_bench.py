@@ -17,26 +17,23 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import os
 import random
-import sys
 import tempfile
 import time
 
 import msgspec
 import numpy as np
 from PIL import Image
+from report import free_port, write_json
+from serve_client import Prompt, run_load, summarize
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_client import Prompt, run_load, summarize  # noqa: E402
-
-from deploy.launcher import server  # noqa: E402
-from frontend.images import decode_image  # noqa: E402
-from frontend.prompts import Prompter  # noqa: E402
-from frontend.schemas import ChatMessage  # noqa: E402
-from shared.config import Config, new_run_id  # noqa: E402
-from workers.demo_vlm import build_vision_checkpoint  # noqa: E402
+from deploy.launcher import server
+from frontend.images import decode_image
+from frontend.prompts import Prompter
+from frontend.schemas import ChatMessage
+from shared.config import Config, new_run_id
+from workers.demo_vlm import build_vision_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,7 +110,7 @@ def run_server(model_dir: str, cache_mb: int, bodies: list[dict], prompts: list[
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(
             model=model_dir, run_id=new_run_id(), ipc_dir=tmp, server_name="127.0.0.1",
-            server_port=_free_port(), encoder_cache_mb=cache_mb, log_level="WARNING",
+            server_port=free_port(), encoder_cache_mb=cache_mb, log_level="WARNING",
         )  # fmt: skip
         with server(config, os.path.join(tmp, "server.log")) as srv:
             print(f"{label}: warming up ...", flush=True)
@@ -123,14 +120,6 @@ def run_server(model_dir: str, cache_mb: int, bodies: list[dict], prompts: list[
                 run_load(srv["url"], bodies, float("inf"), 16, 0, lambda _: None)
             )
     return summarize(outcomes, wall, prompts)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -177,10 +166,7 @@ def main() -> None:
     failed = report["cache_on"]["failed"] + report["cache_off"]["failed"]
     if failed:
         print(f"WARNING: {failed} requests failed: {report['cache_on']['errors']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

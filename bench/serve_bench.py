@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from engine_bench import bench_checkpoint
+from report import free_port, write_json
 from serve_client import Prompt, random_prompts, run_load, summarize
 
 from deploy.launcher import engine, server, stop, wait_healthy
@@ -51,12 +51,6 @@ from shared.messages import SamplingParams
 HERE = os.path.dirname(os.path.abspath(__file__))
 # CPU paged-attention cache of `transformers serve --continuous-batching`: 512 x 32 tokens.
 TRANSFORMERS_CB = ["--continuous-batching", "--cb-num-blocks", "512", "--cb-block-size", "32"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -313,10 +307,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit("interrupted; the servers are stopped")
     print_report(report)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":
