@@ -22,6 +22,7 @@ import pytest
 from openapi_spec_validator import validate
 from PIL import Image
 from server_fixtures import free_port, local_config, metrics, wait_for
+from test_openapi import OPERATION_IDS
 
 from deploy.launcher import server
 from frontend.api_client import (
@@ -391,17 +392,6 @@ def test_terminal_chat_fails_in_one_line_with_a_nonzero_status(srv: dict, case: 
 
 # ---- /openapi.json for client generators ----------------------------------------------------
 
-# Generated clients name their methods and classes after these: renaming one breaks every
-# program built on a generated client.
-OPERATION_IDS = {
-    ("GET", "/v1/models"): "listModels",
-    ("POST", "/v1/chat/completions"): "createChatCompletion",
-    ("POST", "/v1/completions"): "createCompletion",
-    ("POST", "/v1/encode"): "encode",
-    ("POST", "/tokenize"): "tokenize",
-    ("POST", "/detokenize"): "detokenize",
-    ("GET", "/health"): "health",
-}
 SCHEMA_NAMES = {
     "ChatCompletionRequest", "ChatMessage", "TextPart", "ImagePart", "ImageURL", "StreamOptions",
     "ChatCompletion", "ChatChoice", "AssistantMessage", "ChatLogprobs", "ChatTokenLogprob",
