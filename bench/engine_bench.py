@@ -23,10 +23,10 @@ import torch
 import transformers
 from report import write_json
 
-from deploy.launcher import engine
-from frontend.offline import run_async
-from shared.messages import SamplingParams
-from workers.demo_checkpoint import build_checkpoint
+from vlmserve.deploy.launcher import engine
+from vlmserve.frontend.offline import run_async
+from vlmserve.shared.messages import SamplingParams
+from vlmserve.workers.demo_checkpoint import build_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

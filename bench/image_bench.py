@@ -28,12 +28,12 @@ from PIL import Image
 from report import free_port, write_json
 from serve_client import Prompt, run_load, summarize
 
-from deploy.launcher import server
-from frontend.images import decode_image
-from frontend.prompts import Prompter
-from frontend.schemas import ChatMessage
-from shared.config import Config, new_run_id
-from workers.demo_vlm import build_vision_checkpoint
+from vlmserve.deploy.launcher import server
+from vlmserve.frontend.images import decode_image
+from vlmserve.frontend.prompts import Prompter
+from vlmserve.frontend.schemas import ChatMessage
+from vlmserve.shared.config import Config, new_run_id
+from vlmserve.workers.demo_vlm import build_vision_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -43,10 +43,10 @@ from engine_bench import bench_checkpoint
 from report import free_port, write_json
 from serve_client import Prompt, random_prompts, run_load, summarize
 
-from deploy.launcher import engine, server, stop, wait_healthy
-from frontend.offline import run_async
-from shared.config import Config, new_run_id
-from shared.messages import SamplingParams
+from vlmserve.deploy.launcher import engine, server, stop, wait_healthy
+from vlmserve.frontend.offline import run_async
+from vlmserve.shared.config import Config, new_run_id
+from vlmserve.shared.messages import SamplingParams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # CPU paged-attention cache of `transformers serve --continuous-batching`: 512 x 32 tokens.

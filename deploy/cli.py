@@ -7,7 +7,8 @@
     vlmserve frontend [flags]           the Gunicorn frontends (HTTP), joining a scheduler
     vlmserve demo-checkpoint DIR        write a tiny random-weight checkpoint
 
-Every process reads the same Config from flags or VLMSERVE_* environment variables.
+Every process reads the same Config from flags or VLMSERVE_* environment variables;
+`vlmserve COMMAND -h` lists them (`vlmserve serve api_server -h` for the server's).
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ import signal
 import sys
 import time
 
-from shared.config import Config, add_config_flags, config_from_args, config_to_env, new_run_id
-from shared.logs import setup_logging
+from vlmserve.shared.config import (
+    Config,
+    add_config_flags,
+    config_from_args,
+    config_to_env,
+    new_run_id,
+)
+from vlmserve.shared.logs import setup_logging
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -31,20 +38,20 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def process_config(args: argparse.Namespace) -> Config:
     """The Config of one process, its model resolved like `serve api_server`'s: a local
     directory, or a hub id fetched (or found in the hub cache) by huggingface_hub."""
-    from deploy.launcher import resolve_model
+    from vlmserve.deploy.launcher import resolve_model
 
     return config_from_args(args, model=resolve_model(args.model) if args.model else "")
 
 
 def run_scheduler(argv: list[str]) -> int:
-    from scheduler.process import serve
+    from vlmserve.scheduler.process import serve
 
     args = _config_parser("scheduler", "Run the scheduler process.").parse_args(argv)
     return serve(process_config(args))
 
 
 def run_worker(argv: list[str]) -> int:
-    from workers.process import serve
+    from vlmserve.workers.process import serve
 
     args = _config_parser("worker", "Run one worker process (one rank).").parse_args(argv)
     return serve(process_config(args))
@@ -56,18 +63,18 @@ def run_frontend(argv: list[str]) -> int:
     config = process_config(args)
     config.address("requests")  # fail now, not in every worker, if the run id is missing
     os.environ.update(config_to_env(config))
-    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:deploy.gunicorn_conf"]
-    os.execv(sys.executable, [*gunicorn, "frontend.asgi:app"])
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:vlmserve.deploy.gunicorn_conf"]
+    os.execv(sys.executable, [*gunicorn, "vlmserve.frontend.asgi:app"])
     return 1  # not reached
 
 
 def run_serve(argv: list[str]) -> int:
     """`vlmserve serve api_server MODEL [flags]`: start everything, stop it all on a signal."""
     if argv and argv[0] == "api_client":
-        from frontend.chat_cli import main as chat_main
+        from vlmserve.frontend.chat_cli import main as chat_main
 
         return chat_main(argv[1:])
-    from deploy.launcher import resolve_model, server
+    from vlmserve.deploy.launcher import resolve_model, server
 
     if not argv or argv[0] != "api_server":
         print(
@@ -107,7 +114,7 @@ def run_serve(argv: list[str]) -> int:
 
 
 def run_demo_checkpoint(argv: list[str]) -> int:
-    from workers.demo_checkpoint import main as demo_main
+    from vlmserve.workers.demo_checkpoint import main as demo_main
 
     demo_main(argv)
     return 0
@@ -124,9 +131,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         names = ", ".join(COMMANDS)
-        print(f"usage: vlmserve {{{names}}} ...", file=sys.stderr)
+        print(f"usage: vlmserve {{{names}}} ... (vlmserve --help for more)", file=sys.stderr)
         sys.exit(2)
     sys.exit(COMMANDS[argv[0]](argv[1:]))
 

@@ -3,7 +3,7 @@
 Bind address and worker count come from the same VLMSERVE_* settings as everything else.
 """
 
-from shared.config import config_from_env
+from vlmserve.shared.config import config_from_env
 
 _config = config_from_env()
 

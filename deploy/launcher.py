@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from shared.config import Config, config_to_env, new_run_id
+from vlmserve.shared.config import Config, config_to_env, new_run_id
 
 
 def spawn(role: str, config: Config, log_path: str | None = None) -> subprocess.Popen:
@@ -26,7 +26,7 @@ def spawn(role: str, config: Config, log_path: str | None = None) -> subprocess.
     env = {**os.environ, **config_to_env(config), "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child writes to it
     return subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", role],
+        [sys.executable, "-m", "vlmserve", role],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT if log else None,

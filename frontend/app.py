@@ -9,27 +9,27 @@ import os
 
 import falcon.asgi
 
-from frontend.detokenizer import TokenTexts
-from frontend.engine_client import EngineClient
-from frontend.errors import invalid_api_key, register_error_handlers
-from frontend.images import make_client
-from frontend.openapi import STATIC_DIR
-from frontend.prompts import Prompter
-from frontend.routes.chat import ChatCompletionsResource
-from frontend.routes.completions import CompletionsResource
-from frontend.routes.info import (
+from vlmserve.frontend.detokenizer import TokenTexts
+from vlmserve.frontend.engine_client import EngineClient
+from vlmserve.frontend.errors import invalid_api_key, register_error_handlers
+from vlmserve.frontend.images import make_client
+from vlmserve.frontend.openapi import STATIC_DIR
+from vlmserve.frontend.prompts import Prompter
+from vlmserve.frontend.routes.chat import ChatCompletionsResource
+from vlmserve.frontend.routes.completions import CompletionsResource
+from vlmserve.frontend.routes.info import (
     DocsResource,
     HealthResource,
     MetricsResource,
     ModelsResource,
     OpenAPIResource,
 )
-from frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
-from frontend.routes.ui import UIResource
-from frontend.state import FrontendState
-from shared.config import Config
-from shared.model_info import read_model_info
-from shared.model_info import session_len as model_session_len
+from vlmserve.frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
+from vlmserve.frontend.routes.ui import UIResource
+from vlmserve.frontend.state import FrontendState
+from vlmserve.shared.config import Config
+from vlmserve.shared.model_info import read_model_info
+from vlmserve.shared.model_info import session_len as model_session_len
 
 log = logging.getLogger("vlmserve.frontend")
 

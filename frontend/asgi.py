@@ -3,9 +3,9 @@
 Settings come from the environment (VLMSERVE_*), as for every other process.
 """
 
-from frontend.app import create_app
-from shared.config import config_from_env
-from shared.logs import setup_logging
+from vlmserve.frontend.app import create_app
+from vlmserve.shared.config import config_from_env
+from vlmserve.shared.logs import setup_logging
 
 _config = config_from_env()
 setup_logging("frontend", _config.log_level)

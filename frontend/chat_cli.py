@@ -17,7 +17,7 @@ import re
 import sys
 from typing import Any, TextIO
 
-from frontend.api_client import APIClient, APIClientError
+from vlmserve.client import APIClient, APIClientError
 
 HELP = (
     "commands: /image PATH_OR_URL attaches an image to your next message, "

@@ -19,8 +19,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from shared.config import Config
-from shared.messages import (
+from vlmserve.shared.config import Config
+from vlmserve.shared.messages import (
     ERROR,
     STATUS_TOPIC,
     Abort,
@@ -35,7 +35,7 @@ from shared.messages import (
     Submit,
     TokenBatch,
 )
-from shared.sockets import Codec, make_socket
+from vlmserve.shared.sockets import Codec, make_socket
 
 log = logging.getLogger("vlmserve.engine_client")
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from frontend.detokenizer import TextStream, Tokenizer
-from frontend.engine_client import EngineClient
-from frontend.errors import APIError, bad_request, service_unavailable
-from frontend.multimodal import ProcessedImage
-from frontend.schemas import SamplingFields, stop_strings
-from shared.arrays import to_frames
-from shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
+from vlmserve.frontend.detokenizer import TextStream, Tokenizer
+from vlmserve.frontend.engine_client import EngineClient
+from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
+from vlmserve.frontend.multimodal import ProcessedImage
+from vlmserve.frontend.schemas import SamplingFields, stop_strings
+from vlmserve.shared.arrays import to_frames
+from vlmserve.shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
 
 _request_numbers = itertools.count()
 

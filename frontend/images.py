@@ -33,8 +33,8 @@ from urllib.parse import unquote
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from frontend.errors import APIError, bad_request
-from shared.config import Config
+from vlmserve.frontend.errors import APIError, bad_request
+from vlmserve.shared.config import Config
 
 PARAM = "messages"
 URL_CODE = "invalid_image_url"  # the image could not be got: scheme, host, fetch, file

@@ -15,7 +15,7 @@ import numpy as np
 import transformers
 from PIL import Image
 
-from frontend.images import image_hash
+from vlmserve.frontend.images import image_hash
 
 LLAVA_ARCHES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 QWEN_VL_ARCHES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -101,7 +101,7 @@ class LlavaOriginalImages:
     own, placeholders put between (as its `tokenizer_image_token` does)."""
 
     def __init__(self, model_dir: str) -> None:
-        from workers.models import llava_original  # JSON and config only; no weights
+        from vlmserve.workers.models import llava_original  # JSON and config only; no weights
 
         self.config = llava_original.hf_config(model_dir)
         clip = transformers.AutoImageProcessor.from_pretrained(llava_original.tower_dir(model_dir))

@@ -9,9 +9,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from frontend.engine_client import EngineClient
-from shared.config import Config
-from shared.messages import EngineStatus, SamplingParams
+from vlmserve.frontend.engine_client import EngineClient
+from vlmserve.shared.config import Config
+from vlmserve.shared.messages import EngineStatus, SamplingParams
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from frontend import schemas as s
-from frontend.errors import ErrorResponse
+from vlmserve.frontend import schemas as s
+from vlmserve.frontend.errors import ErrorResponse
 
 STATIC_DIR = Path(__file__).parent / "static"
 DOCS_PAGE = STATIC_DIR / "docs.html"

@@ -9,9 +9,9 @@ import msgspec
 import transformers
 from PIL import Image
 
-from frontend.errors import bad_request
-from frontend.multimodal import ProcessedImage, image_processor_for, tokenize_rendered
-from frontend.schemas import ChatMessage, ImagePart
+from vlmserve.frontend.errors import bad_request
+from vlmserve.frontend.multimodal import ProcessedImage, image_processor_for, tokenize_rendered
+from vlmserve.frontend.schemas import ChatMessage, ImagePart
 
 # The conversation format of the original LLaVA-1.5/1.6 Vicuna checkpoints ("vicuna_v1"), whose
 # repositories carry no chat template: images go first in a user turn as "<image>\n".

@@ -15,8 +15,8 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from frontend.errors import bad_request, from_msgspec_error
-from shared.messages import SamplingParams
+from vlmserve.frontend.errors import bad_request, from_msgspec_error
+from vlmserve.shared.messages import SamplingParams
 
 T = TypeVar("T")
 

@@ -11,11 +11,11 @@ from typing import TypeVar
 import falcon.asgi
 import httpx
 
-from frontend.detokenizer import TokenTexts
-from frontend.engine_client import EngineClient
-from frontend.errors import APIError, model_not_found
-from frontend.prompts import Prompter
-from shared.config import Config
+from vlmserve.frontend.detokenizer import TokenTexts
+from vlmserve.frontend.engine_client import EngineClient
+from vlmserve.frontend.errors import APIError, model_not_found
+from vlmserve.frontend.prompts import Prompter
+from vlmserve.shared.config import Config
 
 T = TypeVar("T")
 

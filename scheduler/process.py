@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from scheduler.scheduler import Scheduler
-from shared.config import Config
-from shared.logs import setup_logging
-from shared.messages import (
+from vlmserve.scheduler.scheduler import Scheduler
+from vlmserve.shared.config import Config
+from vlmserve.shared.logs import setup_logging
+from vlmserve.shared.messages import (
     ERROR,
     STATUS_TOPIC,
     Abort,
@@ -41,9 +41,9 @@ from shared.messages import (
     WorkerMsg,
     WorkerReady,
 )
-from shared.model_info import read_model_info
-from shared.model_info import session_len as model_session_len
-from shared.sockets import Codec, make_socket
+from vlmserve.shared.model_info import read_model_info
+from vlmserve.shared.model_info import session_len as model_session_len
+from vlmserve.shared.sockets import Codec, make_socket
 
 STATUS_EVERY_S = 0.5
 STARTUP_TIMEOUT_S = float(os.environ.get("VLMSERVE_WORKER_STARTUP_TIMEOUT", "900"))

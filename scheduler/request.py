@@ -6,7 +6,7 @@ import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from shared.messages import ImageMeta, SamplingParams
+from vlmserve.shared.messages import ImageMeta, SamplingParams
 
 
 class RequestStatus(enum.Enum):

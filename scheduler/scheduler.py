@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from scheduler.block_manager import BlockManager
-from scheduler.request import Request, RequestStatus
-from shared.messages import (
+from vlmserve.scheduler.block_manager import BlockManager
+from vlmserve.scheduler.request import Request, RequestStatus
+from vlmserve.shared.messages import (
     ERROR,
     LENGTH,
     STOP,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.messages import ArrayMeta
+from vlmserve.shared.messages import ArrayMeta
 
 
 def to_frames(arrays: dict[str, np.ndarray]) -> tuple[list[ArrayMeta], list[memoryview]]:

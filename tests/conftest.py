@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny random-weight checkpoints by architecture, in Hugging Face format."""
-    from workers.demo_checkpoint import ARCHES, build_checkpoint
+    from vlmserve.workers.demo_checkpoint import ARCHES, build_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {arch: build_checkpoint(str(root / arch), arch=arch) for arch in ARCHES}

@@ -14,7 +14,7 @@ import torch
 import transformers
 from hf_reference import hf_greedy
 
-from shared.config import Config, new_run_id
+from vlmserve.shared.config import Config, new_run_id
 
 
 def local_config(model: str, workdir: str, **settings: object) -> Config:

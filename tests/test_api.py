@@ -17,7 +17,7 @@ import pytest
 from openapi_spec_validator import validate
 from server_fixtures import ChatReference, local_config, metrics, wait_for
 
-from deploy.launcher import server
+from vlmserve.deploy.launcher import server
 
 API_KEY = "sk-test-key"
 SESSION_LEN = 512

@@ -17,7 +17,7 @@ import openai
 import pytest
 from server_fixtures import ChatReference, free_port, local_config, wait_for
 
-from deploy.launcher import engine_processes, server, spawn, stop, wait_healthy
+from vlmserve.deploy.launcher import engine_processes, server, spawn, stop, wait_healthy
 
 PROMPTS = [[{"role": "user", "content": f"tell me about the {w} {i}"}] for i, w in enumerate(
     ["cat", "dog", "red photo", "blue model", "green server", "stream", "batch", "cache"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler.block_manager import BlockManager, NoFreeBlocks
+from vlmserve.scheduler.block_manager import BlockManager, NoFreeBlocks
 
 BS = 4
 

@@ -24,14 +24,14 @@ from PIL import Image
 from server_fixtures import free_port, local_config, metrics, wait_for
 from test_openapi import OPERATION_IDS
 
-from deploy.launcher import server
-from frontend.api_client import (
+from vlmserve.client import (
     APIClient,
     AsyncAPIClient,
     ServerError,
     ServerUnreachable,
 )
-from frontend.chat_cli import printable
+from vlmserve.deploy.launcher import server
+from vlmserve.frontend.chat_cli import printable
 
 API_KEY = "sk-clients"
 SESSION_LEN = 2048
@@ -269,7 +269,7 @@ def chat_command() -> tuple[str, list[str]]:
     script = Path(sys.executable).with_name("vlmserve")
     if script.exists():
         return str(script), ["serve", "api_client"]
-    return sys.executable, ["-m", "deploy.cli", "serve", "api_client"]
+    return sys.executable, ["-m", "vlmserve", "serve", "api_client"]
 
 
 def spawn_chat(url: str, *args: str) -> pexpect.spawn:

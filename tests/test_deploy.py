@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import new_run_id
+from vlmserve.shared.config import new_run_id
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -126,7 +126,7 @@ def env_lines(template: Path, overrides: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from workers.demo_checkpoint import build_checkpoint
+    from vlmserve.workers.demo_checkpoint import build_checkpoint
 
     return build_checkpoint(str(tmp_path_factory.mktemp("deploy-ckpt") / "demo-checkpoint"))
 

@@ -14,7 +14,12 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from frontend.detokenizer import IncrementalDetokenizer, StopChecker, TextStream, TokenTexts
+from vlmserve.frontend.detokenizer import (
+    IncrementalDetokenizer,
+    StopChecker,
+    TextStream,
+    TokenTexts,
+)
 
 WORDS = ["hello", "world", "héllo", "wörld", "日本語", "🙂", "the", "cat", "naïve", "straße"]
 # Characters the tokenizers rarely or never saw whole: each is several byte tokens.

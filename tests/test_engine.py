@@ -16,9 +16,9 @@ import time
 import pytest
 from hf_reference import compare_greedy, hf_greedy
 
-from deploy.launcher import engine
-from frontend.offline import run_requests
-from shared.messages import ERROR, SamplingParams
+from vlmserve.deploy.launcher import engine
+from vlmserve.frontend.offline import run_requests
+from vlmserve.shared.messages import ERROR, SamplingParams
 
 PROMPT_LENS = [3, 5, 8, 13, 17, 24, 31, 40, 55, 64, 80, 100, 128, 170, 230, 300]
 MAX_NEW = 24

@@ -21,8 +21,8 @@ import msgspec
 import pytest
 from PIL import Image
 
-from frontend.errors import APIError
-from frontend.images import (
+from vlmserve.frontend.errors import APIError
+from vlmserve.frontend.images import (
     check_image_count,
     image_hash,
     is_public_address,
@@ -30,7 +30,7 @@ from frontend.images import (
     load_images,
     make_client,
 )
-from shared.config import Config
+from vlmserve.shared.config import Config
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

@@ -14,15 +14,15 @@ import torch
 import transformers
 from PIL import Image
 
-from frontend.multimodal import image_processor_for
-from shared.arrays import to_frames
-from shared.messages import ImageMeta, NewSeq, SamplingParams, SeqStep, StepPlan
-from workers.demo_checkpoint import build_checkpoint
-from workers.demo_vlm import build_llava
-from workers.forward_context import ForwardContext, PrefillSpan, step_context
-from workers.kv_cache import allocate_kv_cache
-from workers.loader import load_model
-from workers.model_runner import ModelRunner
+from vlmserve.frontend.multimodal import image_processor_for
+from vlmserve.shared.arrays import to_frames
+from vlmserve.shared.messages import ImageMeta, NewSeq, SamplingParams, SeqStep, StepPlan
+from vlmserve.workers.demo_checkpoint import build_checkpoint
+from vlmserve.workers.demo_vlm import build_llava
+from vlmserve.workers.forward_context import ForwardContext, PrefillSpan, step_context
+from vlmserve.workers.kv_cache import allocate_kv_cache
+from vlmserve.workers.loader import load_model
+from vlmserve.workers.model_runner import ModelRunner
 
 CPU = torch.device("cpu")
 ROPE_CASES = [

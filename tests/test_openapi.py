@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from openapi_spec_validator import validate
 
-from frontend.openapi import DOCS_PAGE, STATIC_DIR, openapi_spec
+from vlmserve.frontend.openapi import DOCS_PAGE, STATIC_DIR, openapi_spec
 
 # Generated clients name their methods after these: renaming one breaks every program built
 # on a generated client. (test_clients checks the live server's document against it too.)

@@ -21,9 +21,9 @@ from PIL import Image
 from server_fixtures import file_server, free_port
 from vlm_reference import data_url
 
-from deploy.launcher import server
-from shared.config import Config, new_run_id
-from workers.demo_vlm import build_vision_checkpoint
+from vlmserve.deploy.launcher import server
+from vlmserve.shared.config import Config, new_run_id
+from vlmserve.workers.demo_vlm import build_vision_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_URL = "http://127.0.0.1:23333"

@@ -7,8 +7,8 @@ import math
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from shared.messages import SamplingParams
-from workers.sampler import SamplingInput, draw_seed, process_logits, sample
+from vlmserve.shared.messages import SamplingParams
+from vlmserve.workers.sampler import SamplingInput, draw_seed, process_logits, sample
 
 VOCAB = 64
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from scheduler.request import RequestStatus
-from scheduler.scheduler import Scheduler
-from shared.messages import (
+from vlmserve.scheduler.request import RequestStatus
+from vlmserve.scheduler.scheduler import Scheduler
+from vlmserve.shared.messages import (
     ERROR,
     LENGTH,
     STOP,

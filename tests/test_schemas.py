@@ -8,9 +8,9 @@ import falcon.testing
 import msgspec
 import pytest
 
-from frontend import schemas as s
-from frontend.errors import APIError, model_not_found, register_error_handlers
-from shared.messages import SamplingParams
+from vlmserve.frontend import schemas as s
+from vlmserve.frontend.errors import APIError, model_not_found, register_error_handlers
+from vlmserve.shared.messages import SamplingParams
 
 
 def chat_body(**fields) -> bytes:

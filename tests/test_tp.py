@@ -21,12 +21,12 @@ import pytest
 import torch.distributed as dist
 from hf_reference import compare_greedy, hf_greedy
 
-from deploy.launcher import engine
-from frontend.engine_client import EngineClient, EngineUnavailable
-from frontend.offline import Finished, run_requests
-from shared.config import Config
-from shared.messages import ERROR, SamplingParams
-from workers.parallel import Rendezvous, shard_heads
+from vlmserve.deploy.launcher import engine
+from vlmserve.frontend.engine_client import EngineClient, EngineUnavailable
+from vlmserve.frontend.offline import Finished, run_requests
+from vlmserve.shared.config import Config
+from vlmserve.shared.messages import ERROR, SamplingParams
+from vlmserve.workers.parallel import Rendezvous, shard_heads
 
 MAX_NEW = 12
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
@@ -45,7 +45,7 @@ SHAPES = {
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory):
     """Builds (once) the checkpoint of an architecture and a shape from SHAPES."""
-    from workers.demo_checkpoint import build_checkpoint
+    from vlmserve.workers.demo_checkpoint import build_checkpoint
 
     root = tmp_path_factory.mktemp("tp-checkpoints")
     built: dict[tuple[str, str], str] = {}
@@ -304,9 +304,9 @@ def test_llava_tp2_matches_transformers(tmp_path_factory: pytest.TempPathFactory
     from server_fixtures import free_port
     from vlm_reference import VLMReference, data_url
 
-    from deploy.launcher import server
-    from shared.config import new_run_id
-    from workers.demo_vlm import build_llava
+    from vlmserve.deploy.launcher import server
+    from vlmserve.shared.config import new_run_id
+    from vlmserve.workers.demo_vlm import build_llava
 
     root = tmp_path_factory.mktemp("llava-tp")
     model_dir = build_llava(str(root / "ckpt"), next_=True)

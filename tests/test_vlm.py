@@ -23,10 +23,10 @@ from PIL import Image
 from server_fixtures import file_server, free_port
 from vlm_reference import VLMReference, data_url
 
-from deploy.launcher import server
-from frontend.prompts import VICUNA_V1_TEMPLATE
-from shared.config import Config, new_run_id
-from workers.demo_vlm import build_llava, build_llava_original, build_qwen2_vl
+from vlmserve.deploy.launcher import server
+from vlmserve.frontend.prompts import VICUNA_V1_TEMPLATE
+from vlmserve.shared.config import Config, new_run_id
+from vlmserve.workers.demo_vlm import build_llava, build_llava_original, build_qwen2_vl
 
 MAX_NEW = 12
 

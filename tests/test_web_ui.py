@@ -23,9 +23,9 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from server_fixtures import local_config, metrics, wait_for
 
-from deploy.launcher import server
-from frontend.api_client import APIClient
-from workers.demo_vlm import build_vision_checkpoint
+from vlmserve.client import APIClient
+from vlmserve.deploy.launcher import server
+from vlmserve.workers.demo_vlm import build_vision_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

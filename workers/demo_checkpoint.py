@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="vlmserve demo-checkpoint",
         description="Write a tiny random-weight checkpoint in Hugging Face format (no download).",
     )
-    from workers.demo_vlm import VISION_ARCHES, build_vision_checkpoint
+    from vlmserve.workers.demo_vlm import VISION_ARCHES, build_vision_checkpoint
 
     parser.add_argument("dir")
     parser.add_argument("--arch", default="llama", choices=[*ARCHES, *VISION_ARCHES])

@@ -17,7 +17,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from workers.demo_checkpoint import fast_tokenizer
+from vlmserve.workers.demo_checkpoint import fast_tokenizer
 
 log = logging.getLogger("vlmserve.demo_vlm")
 

@@ -7,8 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from shared.config import Config
-from workers.layers.attention import PagedAttention
+from vlmserve.shared.config import Config
+from vlmserve.workers.layers.attention import PagedAttention
 
 log = logging.getLogger("vlmserve.kv_cache")
 

@@ -17,9 +17,9 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
-from workers.layers.linear import load_whole
-from workers.models import llava_original
-from workers.models.registry import build_model
+from vlmserve.workers.layers.linear import load_whole
+from vlmserve.workers.models import llava_original
+from vlmserve.workers.models.registry import build_model
 
 log = logging.getLogger("vlmserve.loader")
 

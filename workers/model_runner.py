@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResult
-from workers.forward_context import DecodeGroup, ForwardContext, PrefillSpan, step_context
-from workers.multimodal import ImageInputs, SeqImage, SeqPositions
-from workers.sampler import SamplingInput, sample
+from vlmserve.shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResult
+from vlmserve.workers.forward_context import DecodeGroup, ForwardContext, PrefillSpan, step_context
+from vlmserve.workers.multimodal import ImageInputs, SeqImage, SeqPositions
+from vlmserve.workers.sampler import SamplingInput, sample
 
 DECODE_GROUP = 8  # decodes attended together (8 measured faster than 4, 16, 32 at batch 64)
 

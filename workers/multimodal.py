@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.arrays import from_frames
-from shared.messages import ImageMeta, NewSeq
+from vlmserve.shared.arrays import from_frames
+from vlmserve.shared.messages import ImageMeta, NewSeq
 
 
 @dataclass

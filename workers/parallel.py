@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from shared.config import Config
+from vlmserve.shared.config import Config
 
 log = logging.getLogger("vlmserve.parallel")
 

@@ -25,9 +25,9 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shared.config import Config
-from shared.logs import setup_logging
-from shared.messages import (
+from vlmserve.shared.config import Config
+from vlmserve.shared.logs import setup_logging
+from vlmserve.shared.messages import (
     Heartbeat,
     SchedulerMsg,
     Shutdown,
@@ -36,13 +36,13 @@ from shared.messages import (
     WorkerMsg,
     WorkerReady,
 )
-from shared.model_info import read_model_info
-from shared.model_info import session_len as model_session_len
-from shared.sockets import Codec, make_socket
-from workers.kv_cache import allocate_kv_cache, num_blocks_for
-from workers.loader import load_model
-from workers.model_runner import ModelRunner
-from workers.parallel import join_group, local_rank
+from vlmserve.shared.model_info import read_model_info
+from vlmserve.shared.model_info import session_len as model_session_len
+from vlmserve.shared.sockets import Codec, make_socket
+from vlmserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
+from vlmserve.workers.loader import load_model
+from vlmserve.workers.model_runner import ModelRunner
+from vlmserve.workers.parallel import join_group, local_rank
 
 HEARTBEAT_S = 0.5
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.messages import SamplingParams, TokenLogprob
+from vlmserve.shared.messages import SamplingParams, TokenLogprob
 
 GREEDY_TEMPERATURE = 1e-5  # below this a row takes the argmax
 _MASK64 = (1 << 64) - 1

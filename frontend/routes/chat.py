@@ -11,16 +11,16 @@ import falcon.asgi
 import msgspec
 from falcon.asgi import SSEvent
 
-from frontend.errors import APIError, bad_request, service_unavailable
-from frontend.generation import (
+from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
+from vlmserve.frontend.generation import (
     ChoiceDelta,
     EnginePrompt,
     TextOptions,
     collect_choices,
     generate_choices,
 )
-from frontend.images import load_images
-from frontend.schemas import (
+from vlmserve.frontend.images import load_images
+from vlmserve.frontend.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -37,8 +37,8 @@ from frontend.schemas import (
     make_usage,
     to_sampling_params,
 )
-from frontend.state import FrontendState
-from shared.messages import TokenLogprob
+from vlmserve.frontend.state import FrontendState
+from vlmserve.shared.messages import TokenLogprob
 
 encoder = msgspec.json.Encoder()
 

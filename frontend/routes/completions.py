@@ -10,16 +10,16 @@ from contextlib import aclosing
 import falcon.asgi
 from falcon.asgi import SSEvent
 
-from frontend.errors import APIError, bad_request, service_unavailable
-from frontend.generation import (
+from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
+from vlmserve.frontend.generation import (
     ChoiceDelta,
     EnginePrompt,
     TextOptions,
     collect_choices,
     generate_choices,
 )
-from frontend.routes.chat import encoder, sse
-from frontend.schemas import (
+from vlmserve.frontend.routes.chat import encoder, sse
+from vlmserve.frontend.schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
@@ -29,8 +29,8 @@ from frontend.schemas import (
     make_usage,
     to_sampling_params,
 )
-from frontend.state import FrontendState
-from shared.messages import TokenLogprob
+from vlmserve.frontend.state import FrontendState
+from vlmserve.shared.messages import TokenLogprob
 
 
 def completion_logprobs(

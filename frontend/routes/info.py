@@ -6,10 +6,10 @@ import falcon.asgi
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from frontend.errors import service_unavailable
-from frontend.openapi import DOCS_PAGE, openapi_spec
-from frontend.schemas import ModelCard, ModelList
-from frontend.state import FrontendState
+from vlmserve.frontend.errors import service_unavailable
+from vlmserve.frontend.openapi import DOCS_PAGE, openapi_spec
+from vlmserve.frontend.schemas import ModelCard, ModelList
+from vlmserve.frontend.state import FrontendState
 
 
 class ModelsResource:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import falcon.asgi
 import msgspec
 
-from frontend.errors import bad_request
-from frontend.schemas import (
+from vlmserve.frontend.errors import bad_request
+from vlmserve.frontend.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
     EncodeRequest,
@@ -15,7 +15,7 @@ from frontend.schemas import (
     TokenizeResponse,
     decode_request,
 )
-from frontend.state import FrontendState
+from vlmserve.frontend.state import FrontendState
 
 
 def _json(resp: falcon.asgi.Response, body: msgspec.Struct) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import falcon.asgi
 
-from frontend.openapi import STATIC_DIR
+from vlmserve.frontend.openapi import STATIC_DIR
 
 UI_PAGE = STATIC_DIR / "ui" / "index.html"
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.forward_context import current
+from vlmserve.workers.forward_context import current
 
 
 class PagedAttention(nn.Module):

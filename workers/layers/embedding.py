@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.linear import copy_into, read_rows
-from workers.parallel import all_gather, all_reduce, tp_rank, tp_size
+from vlmserve.workers.layers.linear import copy_into, read_rows
+from vlmserve.workers.parallel import all_gather, all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.parallel import all_reduce, divide, shard_heads, tp_rank, tp_size
+from vlmserve.workers.parallel import all_reduce, divide, shard_heads, tp_rank, tp_size
 
 
 def shape_of(loaded: Any) -> list[int]:

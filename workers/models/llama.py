@@ -8,11 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers.attention import PagedAttention
-from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from workers.layers.norm import RMSNorm
-from workers.layers.rotary import Rope, RotaryEmbedding, apply_rope
+from vlmserve.workers.layers.attention import PagedAttention
+from vlmserve.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from vlmserve.workers.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vlmserve.workers.layers.norm import RMSNorm
+from vlmserve.workers.layers.rotary import Rope, RotaryEmbedding, apply_rope
 
 
 def head_dim_of(config: Any) -> int:

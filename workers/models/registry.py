@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from workers.models.vision import VISION_HALVES
-from workers.models.vlm import VisionLanguageModel
+from vlmserve.workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from vlmserve.workers.models.vision import VISION_HALVES
+from vlmserve.workers.models.vlm import VisionLanguageModel
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.layers.rotary import rope_parameters
-from workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from workers.models.vision import VisionEncoder
+from vlmserve.workers.layers.rotary import rope_parameters
+from vlmserve.workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from vlmserve.workers.models.vision import VisionEncoder
 
 # The decoder class by the text config's model_type.
 DECODERS: dict[str, type[LlamaForCausalLM]] = {

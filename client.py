@@ -1,6 +1,6 @@
 """A small Python client for this server, shaped like LMDeploy's `APIClient`.
 
-    from frontend.api_client import APIClient
+    from vlmserve.client import APIClient
 
     client = APIClient("http://127.0.0.1:23333", api_key=None)
     model = client.available_models[0]

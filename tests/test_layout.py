@@ -1,0 +1,95 @@
+"""The package's shape: one import name, the process boundaries of the design, a torch-free
+client. Checked on the source (every import statement) and in a fresh interpreter."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ["frontend", "scheduler", "workers", "shared", "deploy"]
+
+# What each package may import of the others: frontend → shared ← scheduler, workers → shared;
+# deploy starts the others as processes (and reaches into them only through their entry points).
+ALLOWED = {
+    "frontend": {"frontend", "shared", "client"},
+    "scheduler": {"scheduler", "shared"},
+    "workers": {"workers", "shared"},
+    "shared": {"shared"},
+    "deploy": {"deploy", "shared", "frontend", "scheduler", "workers", "client"},
+    "client": set(),
+}
+
+
+def _modules(package: str) -> list[str]:
+    base = os.path.join(ROOT, package)
+    if package == "client":
+        return [os.path.join(ROOT, "client.py")]
+    return [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(base)
+        for name in names
+        if name.endswith(".py")
+    ]
+
+
+def _imported(path: str) -> set[str]:
+    """Top-level names this file imports from: 'vlmserve.X...' gives X; anything else
+    that is one of our folders' bare names is reported as such (an old-style import)."""
+    tree = ast.parse(open(path).read(), path)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "vlmserve" and len(parts) > 1:
+                found.add(parts[1])
+            elif parts[0] in PACKAGES:
+                found.add("bare:" + parts[0])
+    return found
+
+
+@pytest.mark.parametrize("package", [*PACKAGES, "client"])
+def test_imports_respect_process_boundaries(package: str) -> None:
+    allowed = ALLOWED[package]
+    bad = []
+    for path in _modules(package):
+        for name in _imported(path):
+            if name.startswith("bare:") or (name in ALLOWED and name not in allowed):
+                bad.append(f"{os.path.relpath(path, ROOT)} imports {name}")
+    assert not bad, "imports across the design's process boundaries:\n" + "\n".join(bad)
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
+
+
+def test_client_and_scheduler_import_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "from vlmserve.client import APIClient, AsyncAPIClient\n"
+        "import vlmserve.scheduler.scheduler, vlmserve.shared.messages\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = _fresh(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"imported {out.stdout.strip()} (the client must not)"
+
+
+def test_python_dash_m_is_the_vlmserve_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vlmserve", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "vlmserve serve api_server MODEL" in out.stdout
