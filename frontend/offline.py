@@ -9,7 +9,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from vlmserve.frontend.engine_client import EngineClient
+from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.shared.config import Config
 from vlmserve.shared.messages import EngineStatus, SamplingParams
 
@@ -23,7 +23,7 @@ class Finished:
 
 
 async def _one(
-    client: EngineClient, request_id: str, prompt: list[int], sp: SamplingParams
+    client: SchedulerClient, request_id: str, prompt: list[int], sp: SamplingParams
 ) -> Finished:
     started = time.monotonic()
     out = Finished()
@@ -34,7 +34,7 @@ async def _one(
     return out
 
 
-async def _wait_alive(client: EngineClient, timeout: float) -> None:
+async def _wait_alive(client: SchedulerClient, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not client.alive:
         if time.monotonic() > deadline:
@@ -45,7 +45,7 @@ async def _wait_alive(client: EngineClient, timeout: float) -> None:
 async def run_async(
     config: Config, requests: list[tuple[list[int], SamplingParams]], timeout: float = 120.0
 ) -> tuple[list[Finished], EngineStatus | None]:
-    client = EngineClient(config)
+    client = SchedulerClient(config)
     await client.start(timeout)
     try:
         await _wait_alive(client, timeout)

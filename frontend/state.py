@@ -1,4 +1,4 @@
-"""What every route of one frontend process shares: config, engine connection, tokenizer."""
+"""What every route of one frontend process shares: config, scheduler connection, tokenizer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import falcon.asgi
 import httpx
 
 from vlmserve.frontend.detokenizer import TokenTexts
-from vlmserve.frontend.engine_client import EngineClient
 from vlmserve.frontend.errors import APIError, model_not_found
 from vlmserve.frontend.prompts import Prompter
+from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.shared.config import Config
 
 T = TypeVar("T")
@@ -24,7 +24,7 @@ T = TypeVar("T")
 class FrontendState:
     config: Config
     prompter: Prompter
-    engine: EngineClient
+    scheduler: SchedulerClient
     token_texts: TokenTexts
     http: httpx.AsyncClient  # image fetches
     created: int = int(time.time())

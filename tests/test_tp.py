@@ -22,8 +22,8 @@ import torch.distributed as dist
 from hf_reference import compare_greedy, hf_greedy
 
 from vlmserve.deploy.launcher import engine
-from vlmserve.frontend.engine_client import EngineClient, EngineUnavailable
 from vlmserve.frontend.offline import Finished, run_requests
+from vlmserve.frontend.scheduler_client import SchedulerClient, SchedulerUnavailable
 from vlmserve.shared.config import Config
 from vlmserve.shared.messages import ERROR, SamplingParams
 from vlmserve.workers.parallel import Rendezvous, shard_heads
@@ -225,7 +225,7 @@ async def _generate_and_kill(
     config: Config, prompts: list[list[int]], victim, after_tokens: int
 ) -> tuple[list[Finished], list[float], float]:
     """Run the prompts; SIGKILL `victim` once some request has `after_tokens` tokens."""
-    client = EngineClient(config)
+    client = SchedulerClient(config)
     await client.start(60)
     killed_at: list[float] = []
     finished_at: list[float] = []
@@ -245,7 +245,7 @@ async def _generate_and_kill(
                     if not killed_at and len(out.token_ids) >= after_tokens:
                         victim.kill()
                         killed_at.append(time.monotonic())
-            except EngineUnavailable as exc:  # the scheduler itself is gone
+            except SchedulerUnavailable as exc:  # the scheduler itself is gone
                 out.finish_reason, out.error = ERROR, str(exc)
             finished_at.append(time.monotonic())
             return out

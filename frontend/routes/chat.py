@@ -97,12 +97,12 @@ class ChatCompletionsResource:
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
         sampling = to_sampling_params(body, default_max_tokens=room)
-        if not await state.engine.ready():
+        if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         prompt = EnginePrompt.with_images(prompt_ids, processed)
         tokenizer = state.prompter.tokenizer
         options = TextOptions.of(body)
-        deltas = generate_choices(state.engine, tokenizer, [prompt], sampling, body.n, options)
+        deltas = generate_choices(state.scheduler, tokenizer, [prompt], sampling, body.n, options)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             resp.sse = self.stream(body, deltas, reply_id, created, len(prompt_ids))

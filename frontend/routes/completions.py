@@ -74,12 +74,14 @@ class CompletionsResource:
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         rooms = [state.prompter.check_length(len(p), body.max_tokens) for p in prompts]
         sampling = to_sampling_params(body, default_max_tokens=min(rooms))
-        if not await state.engine.ready():
+        if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         text = TextOptions.of(body)
         engine_prompts = [EnginePrompt(p) for p in prompts]
         tokenizer = state.prompter.tokenizer
-        deltas = generate_choices(state.engine, tokenizer, engine_prompts, sampling, body.n, text)
+        deltas = generate_choices(
+            state.scheduler, tokenizer, engine_prompts, sampling, body.n, text
+        )
         echoes = [state.prompter.tokenizer.decode(p) if body.echo else "" for p in prompts]
         reply = Completion(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,

@@ -34,7 +34,7 @@ class HealthResource:
         self.state = state
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if not await self.state.engine.ready():
+        if not await self.state.scheduler.ready():
             raise service_unavailable("the engine (scheduler or a worker) is not running")
         resp.status = falcon.HTTP_200
         resp.content_type = falcon.MEDIA_TEXT
@@ -75,10 +75,10 @@ class MetricsResource:
         }
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        status = self.state.engine.status
+        status = self.state.scheduler.status
         for field, gauge in self.gauges.items():
             if field == "workers_alive":
-                gauge.set(1 if self.state.engine.alive else 0)
+                gauge.set(1 if self.state.scheduler.alive else 0)
             else:
                 gauge.set(getattr(status, field) if status is not None else 0)
         resp.data = generate_latest(self.registry)

@@ -37,13 +37,13 @@ from vlmserve.shared.messages import (
 )
 from vlmserve.shared.sockets import Codec, make_socket
 
-log = logging.getLogger("vlmserve.engine_client")
+log = logging.getLogger("vlmserve.scheduler_client")
 
 HELLO_EVERY_S = 0.2
 STATUS_STALE_S = 5.0  # the scheduler publishes status every 0.5 s; allow for a busy host
 
 
-class EngineUnavailable(Exception):
+class SchedulerUnavailable(Exception):
     """The scheduler cannot be reached, or its workers are down."""
 
 
@@ -51,7 +51,10 @@ def new_frontend_id() -> str:
     return f"fe-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class EngineClient:
+class SchedulerClient:
+    """One frontend process's sockets to the scheduler: it submits and aborts requests and
+    routes each published token batch to the request that awaits it."""
+
     def __init__(self, config: Config, frontend_id: str | None = None) -> None:
         self.config = config
         self.frontend_id = frontend_id or new_frontend_id()
@@ -87,7 +90,7 @@ class EngineClient:
         return self.alive
 
     async def start(self, timeout: float | None = 30.0) -> None:
-        """Subscribe and complete the hello round trip; raise EngineUnavailable on timeout
+        """Subscribe and complete the hello round trip; raise SchedulerUnavailable on timeout
         (None: keep trying, for a frontend started before the scheduler)."""
         self.receiver = asyncio.create_task(self._receive_loop())
         await self._hello(timeout)
@@ -96,7 +99,7 @@ class EngineClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.connected.is_set():
             if deadline is not None and time.monotonic() > deadline:
-                raise EngineUnavailable(
+                raise SchedulerUnavailable(
                     f"no answer from the scheduler at {self.config.address('requests')}"
                 )
             await self._send(Hello(self.frontend_id))
@@ -187,7 +190,7 @@ class EngineClient:
         that disconnects, a stop string) aborts the request.
         """
         if not self.alive:
-            raise EngineUnavailable("the engine is not running")
+            raise SchedulerUnavailable("the engine is not running")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.queues[request_id] = queue
         finished = False
@@ -210,4 +213,4 @@ class EngineClient:
                 return await asyncio.wait_for(queue.get(), STATUS_STALE_S)
             except TimeoutError:
                 if not self.alive:
-                    raise EngineUnavailable("the engine stopped while the request ran") from None
+                    raise SchedulerUnavailable("the engine stopped while the request ran") from None
