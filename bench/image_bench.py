@@ -90,7 +90,7 @@ def payloads(requests: list[list[int]], pool: list[bytes], output_len: int) -> l
 
 def preprocessing_ms(model_dir: str, pool: list[bytes]) -> dict:
     """The frontend's work per image, as a request does it, in this process."""
-    prompter = Prompter(model_dir, 4096, "Qwen2VLForConditionalGeneration")
+    prompter = Prompter(model_dir, 4096)
     message = msgspec.convert(
         [{"role": "user", "content": [{"type": "image_url", "image_url": "x"},
                                       {"type": "text", "text": "Describe"}]}],

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from vlmserve.frontend.detokenizer import TextStream, Tokenizer
+from vlmserve.frontend.engine_client import EngineClient
 from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
-from vlmserve.frontend.multimodal import ProcessedImage
-from vlmserve.frontend.scheduler_client import SchedulerClient
+from vlmserve.frontend.prompts import ProcessedImage
 from vlmserve.frontend.schemas import SamplingFields, stop_strings
 from vlmserve.shared.arrays import to_frames
 from vlmserve.shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
@@ -114,7 +114,7 @@ def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
 
 
 async def _run_choice(
-    scheduler: SchedulerClient,
+    engine: EngineClient,
     request_id: str,
     index: int,
     prompt: EnginePrompt,
@@ -129,9 +129,7 @@ async def _run_choice(
     blocks from the prefix cache instead of prefilling the same prompt again."""
     if after is not None:
         await after.wait()
-    outputs = scheduler.generate(
-        request_id, prompt.token_ids, sampling, prompt.images, prompt.frames
-    )
+    outputs = engine.generate(request_id, prompt.token_ids, sampling, prompt.images, prompt.frames)
     async with aclosing(outputs):
         async for output in outputs:
             prefilled.set()
@@ -152,7 +150,7 @@ async def _run_choice(
 
 
 async def generate_choices(
-    scheduler: SchedulerClient,
+    engine: EngineClient,
     tokenizer: Tokenizer,
     prompts: list[EnginePrompt],
     sampling: SamplingParams,
@@ -161,10 +159,10 @@ async def generate_choices(
 ) -> AsyncIterator[ChoiceDelta]:
     """Deltas of `n` choices of each prompt, as they come; choice j of prompt p has index
     p * n + j. Closing the iterator early (a client disconnects) aborts them all."""
-    if not scheduler.alive:
+    if not engine.alive:
         raise service_unavailable("the engine is not running")
     queue: asyncio.Queue = asyncio.Queue()
-    base = f"{scheduler.frontend_id}-{next(_request_numbers)}"
+    base = f"{engine.frontend_id}-{next(_request_numbers)}"
     tasks = []
     for p, prompt in enumerate(prompts):
         first_prefilled = asyncio.Event()
@@ -179,7 +177,7 @@ async def generate_choices(
             )
             index = p * n + j
             job = _run_choice(
-                scheduler, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
+                engine, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
                 stream, queue, first_prefilled if j == 0 else asyncio.Event(),
                 None if j == 0 else first_prefilled,
             )  # fmt: skip

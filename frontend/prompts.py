@@ -2,46 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 import msgspec
+import numpy as np
 import transformers
 from PIL import Image
 
 from vlmserve.frontend.errors import bad_request
-from vlmserve.frontend.multimodal import ProcessedImage, image_processor_for, tokenize_rendered
+from vlmserve.frontend.images import image_hash
 from vlmserve.frontend.schemas import ChatMessage, ImagePart
+from vlmserve.shared.models import checkpoint_spec
+from vlmserve.shared.models.processing import tokenize_rendered
 
-# The conversation format of the original LLaVA-1.5/1.6 Vicuna checkpoints ("vicuna_v1"), whose
-# repositories carry no chat template: images go first in a user turn as "<image>\n".
-VICUNA_V1_TEMPLATE = (
-    "{% set ns = namespace(system='A chat between a curious human and an artificial "
-    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
-    "human\\'s questions.') %}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
-    "{% endif %}{% endfor %}{{ ns.system }} "
-    "{% for m in messages %}{% if m['role'] != 'system' %}"
-    "{% if m['content'] is string %}{% set parts = [{'type': 'text', 'text': m['content']}] %}"
-    "{% else %}{% set parts = m['content'] %}{% endif %}"
-    "{% if m['role'] == 'user' %}USER: {% for p in parts %}{% if p['type'] == 'image' %}"
-    "<image>{{ '\\n' }}{% endif %}{% endfor %}"
-    "{% for p in parts %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for p in parts %}{% if p['type'] == 'text' %}{{ p['text'] }}"
-    "{% endif %}{% endfor %}</s>{% endif %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+
+@dataclass
+class ProcessedImage:
+    """An image of a prompt ready for the engine: placed, preprocessed and keyed by content
+    (the key of the encoder and prefix caches)."""
+
+    offset: int
+    length: int
+    hash: str
+    arrays: dict[str, np.ndarray]
 
 
 class Prompter:
     """The model's tokenizer and chat template, and the session length prompts must fit."""
 
-    def __init__(self, model_dir: str, session_len: int, architecture: str) -> None:
+    def __init__(self, model_dir: str, session_len: int) -> None:
+        spec = checkpoint_spec(model_dir)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.session_len = session_len
-        self.images = image_processor_for(model_dir, architecture)  # None: text only
-        if self.tokenizer.chat_template is None and architecture == "LlavaLlamaForCausalLM":
-            self.tokenizer.chat_template = VICUNA_V1_TEMPLATE
+        self.images = spec.image_processor(model_dir)  # None: text only
+        if self.tokenizer.chat_template is None:
+            self.tokenizer.chat_template = spec.chat_template()
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """The conversation as the chat template writes it."""
@@ -87,10 +84,14 @@ class Prompter:
         if not images:
             return self.encode_rendered(text), []
         try:
-            return self.images.process(text, images)
+            ids, placed = self.images.process(text, images)
         except ValueError as exc:  # placeholders and images that do not pair up
             message = f"could not place the images in the prompt: {exc}"
             raise bad_request(message, "messages") from exc
+        return ids, [
+            ProcessedImage(p.offset, p.length, image_hash(img), p.arrays)
+            for p, img in zip(placed, images, strict=True)
+        ]
 
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the session."""

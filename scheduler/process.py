@@ -41,8 +41,8 @@ from vlmserve.shared.messages import (
     WorkerMsg,
     WorkerReady,
 )
-from vlmserve.shared.model_info import read_model_info
-from vlmserve.shared.model_info import session_len as model_session_len
+from vlmserve.shared.models import read_model_info
+from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 
 STATUS_EVERY_S = 0.5
@@ -68,8 +68,8 @@ class StepStats:
     step_s: float = 0.0
 
 
-class SchedulerService:
-    """The scheduler process's sockets, publishing and worker liveness around one Scheduler."""
+class Engine:
+    """Sockets, publishing and liveness around one Scheduler."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -282,7 +282,7 @@ class SchedulerService:
 def serve(config: Config) -> int:
     """Run the scheduler; 0 after SIGINT/SIGTERM, 1 when a worker is lost."""
     setup_logging("scheduler", config.log_level)
-    service = SchedulerService(config)
+    engine = Engine(config)
     log.info(
         "scheduler pid %d: model %s, tp %d, requests %s, tokens %s, results %s, block size %d, "
         "max batch %d, step budget %d tokens",
@@ -292,28 +292,28 @@ def serve(config: Config) -> int:
     )  # fmt: skip
 
     def stop(signum: int, _frame: object) -> None:
-        service.stopping = True
+        engine.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        service.run()
-        service.fail_everything("server is shutting down")
-        service.shutdown_workers("scheduler stopped")
+        engine.run()
+        engine.fail_everything("server is shutting down")
+        engine.shutdown_workers("scheduler stopped")
         return 0
     except Stopped as exc:
         log.info("%s", exc)
-        service.shutdown_workers(str(exc))
+        engine.shutdown_workers(str(exc))
         return 0
     except WorkerLost as exc:
         log.error("%s; failing all requests and exiting", exc)
-        service.fail_everything(f"engine failure: {exc}")
-        service.shutdown_workers(str(exc))
+        engine.fail_everything(f"engine failure: {exc}")
+        engine.shutdown_workers(str(exc))
         return 1
     except Exception as exc:  # a bug: still fail the requests and stop the group, then exit
         log.exception("scheduler failed; failing all requests and exiting")
-        service.fail_everything(f"engine failure: scheduler error {type(exc).__name__}: {exc}")
-        service.shutdown_workers("scheduler failed")
+        engine.fail_everything(f"engine failure: scheduler error {type(exc).__name__}: {exc}")
+        engine.shutdown_workers("scheduler failed")
         return 1
     finally:
-        service.close()
+        engine.close()

@@ -14,9 +14,9 @@ import torch
 import transformers
 from PIL import Image
 
-from vlmserve.frontend.multimodal import image_processor_for
 from vlmserve.shared.arrays import to_frames
 from vlmserve.shared.messages import ImageMeta, NewSeq, SamplingParams, SeqStep, StepPlan
+from vlmserve.shared.models import checkpoint_spec
 from vlmserve.workers.demo_checkpoint import build_checkpoint
 from vlmserve.workers.demo_vlm import build_llava
 from vlmserve.workers.forward_context import ForwardContext, PrefillSpan, step_context
@@ -65,7 +65,7 @@ def test_vision_encoder_runs_once_per_distinct_image(tmp_path) -> None:  # noqa:
 
     model.vision.forward = counting
     runner = ModelRunner(model, 16, [2], CPU, encoder_cache_bytes=1 << 20)
-    images = image_processor_for(model_dir, "LlavaForConditionalGeneration")
+    images = checkpoint_spec(model_dir).image_processor(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
@@ -74,9 +74,10 @@ def test_vision_encoder_runs_once_per_distinct_image(tmp_path) -> None:  # noqa:
     red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (40, 30), (0, 0, 255))
 
     def new_seq(seq_id: int, image: Image.Image) -> tuple[NewSeq, SeqStep, list]:
-        ids, [processed] = images.process(text, [image])
-        metas, frames = to_frames(processed.arrays)
-        meta = ImageMeta(processed.hash, processed.offset, processed.length, metas)
+        ids, [placed] = images.process(text, [image])
+        metas, frames = to_frames(placed.arrays)
+        key = str(image.getpixel((0, 0)))  # the content key: these images are one colour each
+        meta = ImageMeta(key, placed.offset, placed.length, metas)
         sp = SamplingParams(temperature=0)
         blocks = list(range(seq_id * 4, seq_id * 4 + 4))
         return (

@@ -24,8 +24,8 @@ from server_fixtures import file_server, free_port
 from vlm_reference import VLMReference, data_url
 
 from vlmserve.deploy.launcher import server
-from vlmserve.frontend.prompts import VICUNA_V1_TEMPLATE
 from vlmserve.shared.config import Config, new_run_id
+from vlmserve.shared.models.llava_original import VICUNA_V1_TEMPLATE
 from vlmserve.workers.demo_vlm import build_llava, build_llava_original, build_qwen2_vl
 
 MAX_NEW = 12

@@ -13,22 +13,17 @@ import time
 from collections.abc import Callable
 
 import torch
-import transformers
 from safetensors import safe_open
 from torch import nn
 
+from vlmserve.shared.models import checkpoint_spec
 from vlmserve.workers.layers.linear import load_whole
-from vlmserve.workers.models import llava_original
 from vlmserve.workers.models.registry import build_model
 
 log = logging.getLogger("vlmserve.loader")
 
 # Checkpoint tensors with no parameter here (rotary tables some checkpoints still save).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def load_hf_config(model_dir: str) -> transformers.PretrainedConfig:
-    return transformers.AutoConfig.from_pretrained(model_dir)
 
 
 def _target(model: nn.Module, name: str) -> tuple[str, object]:
@@ -90,22 +85,17 @@ def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
-    original = llava_original.is_original(model_dir)
-    config = llava_original.hf_config(model_dir) if original else load_hf_config(model_dir)
-    architecture = (config.architectures or ["?"])[0]
+    spec = checkpoint_spec(model_dir)
+    config = spec.hf_config(model_dir)
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = build_model(config, architecture)
+            model = build_model(spec, config)
     finally:
         torch.set_default_dtype(torch.float32)
-    if original:
-        model.name_prefixes = llava_original.NAME_PREFIXES
-    loaded = load_weights(model, safetensors_files(model_dir))
-    tower_prefix = "vision.hf.vision_tower."
-    if original and not any(name.startswith(tower_prefix) for name in loaded):
-        # The checkpoint names its CLIP tower instead of carrying it: load it from there.
-        tower = llava_original.tower_dir(model_dir)
-        loaded |= load_weights(model, safetensors_files(tower), rename=llava_original.tower_name)
+    sources = model.weight_sources(model_dir) if hasattr(model, "weight_sources") else None
+    loaded: set[str] = set()
+    for directory, rename in sources or [(model_dir, None)]:
+        loaded |= load_weights(model, safetensors_files(directory), rename=rename)
     check_all_loaded(model, loaded)
     return model.eval()

@@ -138,7 +138,7 @@ class ImageInputs:
             return SeqPositions(torch.arange(len(ids)).expand(3, -1), 0)
         grids = torch.cat([torch.from_numpy(np.array(from_frames(m.arrays, f)["image_grid_thw"]))
                            for m, f in images])  # fmt: skip
-        positions, delta = self.model.vision.rope_index(ids, self.model.image_token_id, grids)
+        positions, delta = self.model.rope_index(ids, grids)
         return SeqPositions(positions, delta)
 
     def embed(

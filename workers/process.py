@@ -36,8 +36,8 @@ from vlmserve.shared.messages import (
     WorkerMsg,
     WorkerReady,
 )
-from vlmserve.shared.model_info import read_model_info
-from vlmserve.shared.model_info import session_len as model_session_len
+from vlmserve.shared.models import read_model_info
+from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 from vlmserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
 from vlmserve.workers.loader import load_model

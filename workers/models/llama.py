@@ -137,3 +137,20 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral's decoder is Llama's; a sliding window longer than any request changes nothing."""
+
+
+# Decoders of multimodal checkpoints, by their text config's model_type.
+_TEXT_DECODERS: dict[str, type[LlamaForCausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+}
+
+
+def decoder_for(text_config: Any) -> type[LlamaForCausalLM]:
+    """The decoder class for a multimodal checkpoint's text config."""
+    model_type = text_config.model_type
+    if model_type not in _TEXT_DECODERS:
+        supported = ", ".join(sorted(_TEXT_DECODERS))
+        raise ValueError(f"unsupported text model_type {model_type!r}; supported: {supported}")
+    return _TEXT_DECODERS[model_type]

@@ -1,23 +1,20 @@
-"""Checkpoints in the original LLaVA repository's format (`LlavaLlamaForCausalLM`, e.g.
-liuhaotian/llava-v1.6-vicuna-7b): read as the LLaVA-NeXT model they are.
+"""The original LLaVA repository's checkpoints (`LlavaLlamaForCausalLM`), computed as the
+LLaVA-NeXT model they are (the spec, vlmserve.shared.models.llava_original, builds the config).
 
-Their config.json is a Llama config plus `mm_*` fields naming a CLIP tower by path or hub
-id; their weights sit under `model.` with the projector as `model.mm_projector.{0,2}`. We
-build the equivalent transformers LlavaNextConfig and map the names.
+Their weights sit under `model.` with the projector as `model.mm_projector.{0,2}`; the CLIP
+tower is either inside the checkpoint or only named by it, and then loaded from its own folder.
 """
 
 from __future__ import annotations
 
-import json
+import glob
 import os
-from typing import Any
 
-import transformers
+from safetensors import safe_open
 
-ARCHITECTURE = "LlavaLlamaForCausalLM"
-# Placeholder id for image tokens in the prompt: the original code uses -200, outside the
-# vocabulary; ours must embed (its rows are then replaced), so it reuses id 0.
-PLACEHOLDER_ID = 0
+from vlmserve.shared.models.llava_original import tower_dir
+from vlmserve.workers.models.llava import LlavaNextModel
+from vlmserve.workers.models.vlm import WeightSource
 
 NAME_PREFIXES = [
     ("model.mm_projector.0.", "vision.hf.multi_modal_projector.linear_1."),
@@ -27,61 +24,7 @@ NAME_PREFIXES = [
     ("model.", "language.model."),
     ("lm_head.", "language.lm_head."),
 ]
-
-
-def read_original_config(model_dir: str) -> dict:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        return json.load(f)
-
-
-def is_original(model_dir: str) -> bool:
-    return ARCHITECTURE in (read_original_config(model_dir).get("architectures") or [])
-
-
-def resolve_tower(model_dir: str, tower: str) -> str:
-    """The CLIP tower's directory: a path (absolute, or relative to the checkpoint), or a hub
-    id resolved like any model path."""
-    for candidate in (tower, os.path.join(model_dir, tower)):
-        if os.path.isdir(candidate):
-            return os.path.abspath(candidate)
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(tower)
-
-
-def hf_config(model_dir: str) -> Any:
-    """The transformers LlavaNextConfig equivalent to an original LLaVA-1.6 config."""
-    raw = read_original_config(model_dir)
-    if raw.get("image_aspect_ratio") != "anyres" or raw.get("mm_projector_type") != "mlp2x_gelu":
-        raise ValueError(
-            "only LLaVA-1.6 original checkpoints (image_aspect_ratio 'anyres', mm_projector_type "
-            f"'mlp2x_gelu') are supported; got {raw.get('image_aspect_ratio')!r}, "
-            f"{raw.get('mm_projector_type')!r}"
-        )
-    tower = resolve_tower(model_dir, raw["mm_vision_tower"])
-    vision = transformers.AutoConfig.from_pretrained(tower)
-    vision = getattr(vision, "vision_config", vision)  # a full CLIP checkpoint or a tower
-    text = {k: v for k, v in raw.items() if not k.startswith(("mm_", "image_", "architectures"))}
-    text.pop("model_type", None)
-    select = {"patch": "default", "cls_patch": "full"}[raw.get("mm_vision_select_feature", "patch")]
-    return transformers.LlavaNextConfig(
-        vision_config=vision.to_dict() | {"model_type": "clip_vision_model"},
-        text_config=transformers.LlamaConfig(**text).to_dict(),
-        image_token_id=PLACEHOLDER_ID,
-        image_grid_pinpoints=raw["image_grid_pinpoints"],
-        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy=select,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        architectures=["LlavaNextForConditionalGeneration"],
-    )
-
-
-def map_name(name: str) -> str:
-    for theirs, ours in NAME_PREFIXES:
-        if name.startswith(theirs):
-            return ours + name[len(theirs) :]
-    return name
+TOWER_IN_CHECKPOINT = "model.vision_tower."
 
 
 def tower_name(name: str) -> str | None:
@@ -94,5 +37,19 @@ def tower_name(name: str) -> str | None:
     return None
 
 
-def tower_dir(model_dir: str) -> str:
-    return resolve_tower(model_dir, read_original_config(model_dir)["mm_vision_tower"])
+def _has_tower(model_dir: str) -> bool:
+    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            if any(name.startswith(TOWER_IN_CHECKPOINT) for name in f.keys()):
+                return True
+    return False
+
+
+class LlavaOriginalModel(LlavaNextModel):
+    name_prefixes = NAME_PREFIXES
+
+    def weight_sources(self, model_dir: str) -> list[WeightSource]:
+        if _has_tower(model_dir):
+            return [(model_dir, None)]
+        # The checkpoint names its CLIP tower instead of carrying it: load it from there.
+        return [(model_dir, None), (tower_dir(model_dir), tower_name)]

@@ -1,4 +1,5 @@
-"""Maps a checkpoint's `architectures` name to the class that implements it."""
+"""The compute side of each model family, by the family name its spec
+(vlmserve.shared.models) gives: the one place that maps a checkpoint to a model class."""
 
 from __future__ import annotations
 
@@ -6,22 +7,24 @@ from typing import Any
 
 from torch import nn
 
+from vlmserve.shared.models import ModelSpec
 from vlmserve.workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from vlmserve.workers.models.vision import VISION_HALVES
-from vlmserve.workers.models.vlm import VisionLanguageModel
+from vlmserve.workers.models.llava import LlavaModel, LlavaNextModel
+from vlmserve.workers.models.llava_original import LlavaOriginalModel
+from vlmserve.workers.models.qwen2_vl import Qwen2VLModel, Qwen25VLModel
 
-MODELS: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+COMPUTE: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "llava": LlavaModel,
+    "llava_next": LlavaNextModel,
+    "llava_original": LlavaOriginalModel,
+    "qwen2_vl": Qwen2VLModel,
+    "qwen2_5_vl": Qwen25VLModel,
 }
 
 
-def build_model(hf_config: Any, architecture: str) -> nn.Module:
+def build_model(spec: ModelSpec, hf_config: Any) -> nn.Module:
     """Our model for a checkpoint's config (weights not loaded)."""
-    if architecture in VISION_HALVES:
-        return VisionLanguageModel(hf_config, architecture)
-    if architecture not in MODELS:
-        supported = ", ".join(sorted([*MODELS, *VISION_HALVES]))
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: {supported}")
-    return MODELS[architecture](hf_config)
+    return COMPUTE[spec.family](hf_config)

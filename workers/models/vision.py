@@ -2,8 +2,8 @@
 
 Vision towers run once per image, not per token, so we use transformers' own modules for
 them (CLIP, the Qwen2-VL ViT, the LLaVA projectors, LLaVA-NeXT's any-resolution packing):
-the multimodal model class of the checkpoint, built with a language model of no layers
-and then without it, since our paged decoder replaces it.
+the multimodal model class of the checkpoint, built from the vision-side fields of its config
+with a language model of nothing, then dropped, since our paged decoder replaces it.
 """
 
 from __future__ import annotations
@@ -15,24 +15,16 @@ import torch
 import transformers
 from torch import nn
 
-# Checkpoint architecture -> transformers class holding its vision half.
-VISION_HALVES = {
-    "LlavaForConditionalGeneration": "LlavaModel",
-    "LlavaNextForConditionalGeneration": "LlavaNextModel",
-    "Qwen2VLForConditionalGeneration": "Qwen2VLModel",
-    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLModel",
-}
 
-
-def build_vision_half(hf_config: Any, architecture: str) -> nn.Module:
-    """transformers' multimodal model for `architecture`, minus its language model."""
+def build_vision_half(hf_config: Any, class_name: str) -> nn.Module:
+    """transformers' multimodal model `class_name` for `hf_config`, minus its language model."""
     config = copy.deepcopy(hf_config)
     text = config.text_config
     text.num_hidden_layers = 0  # built only to be dropped: keep it empty
     text.vocab_size = 1
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = []
-    half = getattr(transformers, VISION_HALVES[architecture])(config)
+    half = getattr(transformers, class_name)(config)
     del half.language_model
     return half.eval()
 
@@ -40,9 +32,9 @@ def build_vision_half(hf_config: Any, architecture: str) -> nn.Module:
 class VisionEncoder(nn.Module):
     """Turns a batch of preprocessed images into one embedding row per placeholder token."""
 
-    def __init__(self, hf_config: Any, architecture: str) -> None:
+    def __init__(self, hf_config: Any, class_name: str) -> None:
         super().__init__()
-        self.hf = build_vision_half(hf_config, architecture)
+        self.hf = build_vision_half(hf_config, class_name)
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """`arrays` as the model's image processor names them (pixel_values, image_sizes,
@@ -51,13 +43,3 @@ class VisionEncoder(nn.Module):
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in arrays.items()}
         out = self.hf.get_image_features(**inputs, return_dict=True)
         return list(out.pooler_output)
-
-    def rope_index(
-        self, token_ids: torch.Tensor, image_token_id: int, grids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, int]:
-        """Qwen2-VL's multimodal positions [3, tokens] of a sequence, and the offset that
-        positions of later (text) tokens have from their index."""
-        ids = token_ids[None]
-        mm_types = (ids == image_token_id).int()
-        positions, deltas = self.hf.get_rope_index(ids, mm_types, image_grid_thw=grids)
-        return positions[:, 0], int(deltas.flatten()[0])
