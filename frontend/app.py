@@ -10,7 +10,6 @@ import os
 import falcon.asgi
 
 from vlmserve.frontend.detokenizer import TokenTexts
-from vlmserve.frontend.engine_client import EngineClient
 from vlmserve.frontend.errors import invalid_api_key, register_error_handlers
 from vlmserve.frontend.images import make_client
 from vlmserve.frontend.openapi import STATIC_DIR
@@ -26,6 +25,7 @@ from vlmserve.frontend.routes.info import (
 )
 from vlmserve.frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
 from vlmserve.frontend.routes.ui import UIResource
+from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.frontend.state import FrontendState
 from vlmserve.shared.config import Config
 from vlmserve.shared.models import read_model_info
@@ -55,7 +55,7 @@ class ApiKeyAuth:
             raise invalid_api_key()
 
 
-class EngineConnection:
+class SchedulerConnection:
     """Connects to the scheduler when the worker's event loop starts; closes on shutdown."""
 
     def __init__(self, state: FrontendState) -> None:
@@ -66,17 +66,17 @@ class EngineConnection:
         config = self.state.config
         log.info(
             "frontend %s pid %d: model %s as %r, requests %s, tokens %s",
-            self.state.engine.frontend_id, os.getpid(), config.model, config.served_name,
+            self.state.scheduler.frontend_id, os.getpid(), config.model, config.served_name,
             config.address("requests"), config.address("tokens"),
         )  # fmt: skip
         # Keep trying in the background: a frontend may start before the scheduler does,
         # and answers 503 until it is connected.
-        self.task = asyncio.create_task(self.state.engine.start(timeout=None))
+        self.task = asyncio.create_task(self.state.scheduler.start(timeout=None))
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
         if self.task is not None:
             self.task.cancel()
-        await self.state.engine.close()
+        await self.state.scheduler.close()
         await self.state.http.aclose()
 
 
@@ -87,11 +87,11 @@ def create_app(config: Config) -> falcon.asgi.App:
     state = FrontendState(
         config=config,
         prompter=prompter,
-        engine=EngineClient(config),
+        scheduler=SchedulerClient(config),
         token_texts=TokenTexts(prompter.tokenizer),
         http=make_client(),
     )
-    app = falcon.asgi.App(middleware=[EngineConnection(state), ApiKeyAuth(config.api_keys)])
+    app = falcon.asgi.App(middleware=[SchedulerConnection(state), ApiKeyAuth(config.api_keys)])
     register_error_handlers(app)
     app.add_route("/v1/models", ModelsResource(state))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(state))

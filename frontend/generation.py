@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from vlmserve.frontend.detokenizer import TextStream, Tokenizer
-from vlmserve.frontend.engine_client import EngineClient
 from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
 from vlmserve.frontend.prompts import ProcessedImage
+from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.frontend.schemas import SamplingFields, stop_strings
 from vlmserve.shared.arrays import to_frames
 from vlmserve.shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
@@ -114,7 +114,7 @@ def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
 
 
 async def _run_choice(
-    engine: EngineClient,
+    scheduler: SchedulerClient,
     request_id: str,
     index: int,
     prompt: EnginePrompt,
@@ -129,7 +129,9 @@ async def _run_choice(
     blocks from the prefix cache instead of prefilling the same prompt again."""
     if after is not None:
         await after.wait()
-    outputs = engine.generate(request_id, prompt.token_ids, sampling, prompt.images, prompt.frames)
+    outputs = scheduler.generate(
+        request_id, prompt.token_ids, sampling, prompt.images, prompt.frames
+    )
     async with aclosing(outputs):
         async for output in outputs:
             prefilled.set()
@@ -150,7 +152,7 @@ async def _run_choice(
 
 
 async def generate_choices(
-    engine: EngineClient,
+    scheduler: SchedulerClient,
     tokenizer: Tokenizer,
     prompts: list[EnginePrompt],
     sampling: SamplingParams,
@@ -159,10 +161,10 @@ async def generate_choices(
 ) -> AsyncIterator[ChoiceDelta]:
     """Deltas of `n` choices of each prompt, as they come; choice j of prompt p has index
     p * n + j. Closing the iterator early (a client disconnects) aborts them all."""
-    if not engine.alive:
+    if not scheduler.alive:
         raise service_unavailable("the engine is not running")
     queue: asyncio.Queue = asyncio.Queue()
-    base = f"{engine.frontend_id}-{next(_request_numbers)}"
+    base = f"{scheduler.frontend_id}-{next(_request_numbers)}"
     tasks = []
     for p, prompt in enumerate(prompts):
         first_prefilled = asyncio.Event()
@@ -177,7 +179,7 @@ async def generate_choices(
             )
             index = p * n + j
             job = _run_choice(
-                engine, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
+                scheduler, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
                 stream, queue, first_prefilled if j == 0 else asyncio.Event(),
                 None if j == 0 else first_prefilled,
             )  # fmt: skip

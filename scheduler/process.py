@@ -68,8 +68,8 @@ class StepStats:
     step_s: float = 0.0
 
 
-class Engine:
-    """Sockets, publishing and liveness around one Scheduler."""
+class SchedulerService:
+    """The scheduler process's sockets, publishing and worker liveness around one Scheduler."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -282,7 +282,7 @@ class Engine:
 def serve(config: Config) -> int:
     """Run the scheduler; 0 after SIGINT/SIGTERM, 1 when a worker is lost."""
     setup_logging("scheduler", config.log_level)
-    engine = Engine(config)
+    service = SchedulerService(config)
     log.info(
         "scheduler pid %d: model %s, tp %d, requests %s, tokens %s, results %s, block size %d, "
         "max batch %d, step budget %d tokens",
@@ -292,28 +292,28 @@ def serve(config: Config) -> int:
     )  # fmt: skip
 
     def stop(signum: int, _frame: object) -> None:
-        engine.stopping = True
+        service.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        engine.run()
-        engine.fail_everything("server is shutting down")
-        engine.shutdown_workers("scheduler stopped")
+        service.run()
+        service.fail_everything("server is shutting down")
+        service.shutdown_workers("scheduler stopped")
         return 0
     except Stopped as exc:
         log.info("%s", exc)
-        engine.shutdown_workers(str(exc))
+        service.shutdown_workers(str(exc))
         return 0
     except WorkerLost as exc:
         log.error("%s; failing all requests and exiting", exc)
-        engine.fail_everything(f"engine failure: {exc}")
-        engine.shutdown_workers(str(exc))
+        service.fail_everything(f"engine failure: {exc}")
+        service.shutdown_workers(str(exc))
         return 1
     except Exception as exc:  # a bug: still fail the requests and stop the group, then exit
         log.exception("scheduler failed; failing all requests and exiting")
-        engine.fail_everything(f"engine failure: scheduler error {type(exc).__name__}: {exc}")
-        engine.shutdown_workers("scheduler failed")
+        service.fail_everything(f"engine failure: scheduler error {type(exc).__name__}: {exc}")
+        service.shutdown_workers("scheduler failed")
         return 1
     finally:
-        engine.close()
+        service.close()
