@@ -93,3 +93,39 @@ def test_python_dash_m_is_the_vlmserve_command() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "vlmserve serve api_server MODEL" in out.stdout
+
+
+def _string_constants(path: str) -> set[str]:
+    tree = ast.parse(open(path).read(), path)
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is str}
+
+
+def test_architecture_names_live_only_in_the_model_specs() -> None:
+    from vlmserve.shared.models import supported_architectures
+
+    names = set(supported_architectures())
+    outside = []
+    for package in [*PACKAGES, "client"]:
+        for path in _modules(package):
+            if os.path.relpath(path, ROOT).startswith(os.path.join("shared", "models")):
+                continue
+            found = names & _string_constants(path)
+            outside += [f"{os.path.relpath(path, ROOT)}: {sorted(found)}"] if found else []
+    assert not outside, "architecture names outside vlmserve.shared.models:\n" + "\n".join(outside)
+
+
+def test_registry_refuses_an_unknown_architecture_naming_the_supported_ones() -> None:
+    from vlmserve.shared.models import UnsupportedArchitecture, spec_for, supported_architectures
+
+    with pytest.raises(UnsupportedArchitecture) as err:
+        spec_for("Gemma3ForConditionalGeneration")
+    message = str(err.value)
+    assert "'Gemma3ForConditionalGeneration'" in message
+    assert all(name in message for name in supported_architectures())
+
+
+def test_every_family_has_a_compute_side() -> None:
+    from vlmserve.shared.models import SPECS
+    from vlmserve.workers.models.registry import COMPUTE
+
+    assert sorted(spec.family for spec in SPECS) == sorted(COMPUTE)

@@ -17,6 +17,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from vlmserve.shared.models.llava_original import LlavaOriginalSpec
 from vlmserve.workers.demo_checkpoint import fast_tokenizer
 
 log = logging.getLogger("vlmserve.demo_vlm")
@@ -204,7 +205,7 @@ def build_llava_original(out_dir: str, hf_twin_dir: str, seed: int = 0) -> str:
             "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters",
         ) if k in text
     } | {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+        "architectures": list(LlavaOriginalSpec.architectures), "model_type": "llava",
         "tie_word_embeddings": False, "image_aspect_ratio": "anyres",
         "image_grid_pinpoints": PINPOINTS, "mm_hidden_size": CLIP["hidden_size"],
         "mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "mlp2x_gelu",

@@ -20,6 +20,7 @@ __all__ = [
     "read_model_info",
     "session_len",
     "spec_for",
+    "supported_architectures",
 ]
 
 SPECS: list[ModelSpec] = [*llama.SPECS, *llava.SPECS, *llava_original.SPECS, *qwen2_vl.SPECS]
