@@ -23,7 +23,7 @@ import torch
 import transformers
 from report import write_json
 
-from vlmserve.deploy.launcher import engine
+from vlmserve.deploy.launcher import scheduler_and_workers
 from vlmserve.frontend.offline import run_async
 from vlmserve.shared.messages import SamplingParams
 from vlmserve.workers.demo_checkpoint import build_checkpoint
@@ -52,7 +52,10 @@ def run_engine(model_dir: str, work: list, batch: int) -> dict:
         (prompt, SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True))
         for prompt, out in work
     ]
-    with tempfile.TemporaryDirectory() as tmp, engine(model_dir, tmp, max_batch_size=batch) as eng:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        scheduler_and_workers(model_dir, tmp, max_batch_size=batch) as eng,
+    ):
         config = eng["config"]
         print("engine: warming up ...", flush=True)
         asyncio.run(run_async(config, requests[:4], timeout=600))

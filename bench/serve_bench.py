@@ -43,7 +43,7 @@ from engine_bench import bench_checkpoint
 from report import free_port, write_json
 from serve_client import Prompt, random_prompts, run_load, summarize
 
-from vlmserve.deploy.launcher import engine, server, stop, wait_healthy
+from vlmserve.deploy.launcher import scheduler_and_workers, server, stop, wait_healthy
 from vlmserve.frontend.offline import run_async
 from vlmserve.shared.config import Config, new_run_id
 from vlmserve.shared.messages import SamplingParams
@@ -169,7 +169,10 @@ def offline_engine(model_dir: str, prompts: list[Prompt], batch: int) -> dict:
         for p in prompts
     ]
     settings = {"max_batch_size": batch, "device": "cpu", "dtype": "float32"}
-    with tempfile.TemporaryDirectory() as tmp, engine(model_dir, tmp, **settings) as eng:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        scheduler_and_workers(model_dir, tmp, **settings) as eng,
+    ):
         print("offline engine: warming up ...", flush=True)
         asyncio.run(run_async(eng["config"], requests[:2], timeout=600))
         print(f"offline engine: {len(requests)} requests at once ...", flush=True)

@@ -1,4 +1,4 @@
-"""Starts vlmserve's processes as children: the engine (scheduler + workers) and frontends.
+"""Starts vlmserve's processes as children: the scheduler, the workers and the frontends.
 
 Used by `vlmserve serve api_server`, by the tests and by the benchmarks, so all of them
 start the very same processes a Procfile or systemd units start.
@@ -44,7 +44,9 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
     return proc.returncode
 
 
-def engine_processes(config: Config, log_path: str | None) -> dict[str, subprocess.Popen]:
+def start_scheduler_and_workers(
+    config: Config, log_path: str | None
+) -> dict[str, subprocess.Popen]:
     """The scheduler and one worker per tensor-parallel rank."""
     procs = {"scheduler": spawn("scheduler", config, log_path)}
     for rank in range(config.tp):
@@ -54,11 +56,11 @@ def engine_processes(config: Config, log_path: str | None) -> dict[str, subproce
 
 
 @contextlib.contextmanager
-def engine(model_dir: str, workdir: str, **settings: object) -> Iterator[dict]:
+def scheduler_and_workers(model_dir: str, workdir: str, **settings: object) -> Iterator[dict]:
     """Run a scheduler and `tp` workers; yield their config and processes; stop them after."""
     config = Config(model=model_dir, run_id=new_run_id(), ipc_dir=workdir, **settings)
-    log_path = os.path.join(workdir, f"engine-{config.run_id}.log")
-    procs = engine_processes(config, log_path)
+    log_path = os.path.join(workdir, f"scheduler-workers-{config.run_id}.log")
+    procs = start_scheduler_and_workers(config, log_path)
     try:
         yield {"config": config, "procs": procs, "log": log_path}
     finally:
@@ -101,7 +103,7 @@ def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float) -
 @contextlib.contextmanager
 def server(config: Config, log_path: str | None = None) -> Iterator[dict]:
     """Scheduler, workers and the Gunicorn frontends; yields the URL once /health is 200."""
-    procs = engine_processes(config, log_path)
+    procs = start_scheduler_and_workers(config, log_path)
     procs["frontend"] = spawn("frontend", config, log_path)
     host = "127.0.0.1" if config.server_name in ("0.0.0.0", "::") else config.server_name
     url = f"http://{host}:{config.server_port}"

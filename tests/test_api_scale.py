@@ -17,7 +17,7 @@ import openai
 import pytest
 from server_fixtures import ChatReference, free_port, local_config, wait_for
 
-from vlmserve.deploy.launcher import engine_processes, server, spawn, stop, wait_healthy
+from vlmserve.deploy.launcher import server, spawn, start_scheduler_and_workers, stop, wait_healthy
 
 PROMPTS = [[{"role": "user", "content": f"tell me about the {w} {i}"}] for i, w in enumerate(
     ["cat", "dog", "red photo", "blue model", "green server", "stream", "batch", "cache"]
@@ -99,7 +99,7 @@ def test_frontend_rejoins_a_restarted_engine(checkpoints: dict, workdir: str) ->
         for name in ("scheduler", "worker0"):
             stop(srv["procs"][name])
         wait_for(lambda: httpx.get(srv["url"] + "/health").status_code == 503, 10, "503")
-        srv["procs"].update(engine_processes(config, log_path))
+        srv["procs"].update(start_scheduler_and_workers(config, log_path))
         wait_for(lambda: httpx.get(srv["url"] + "/health").status_code == 200, 60, "200 again")
         again = client.chat.completions.create(
             model="llama", messages=PROMPTS[1], max_tokens=6, temperature=0

@@ -16,7 +16,7 @@ import time
 import pytest
 from hf_reference import compare_greedy, hf_greedy
 
-from vlmserve.deploy.launcher import engine
+from vlmserve.deploy.launcher import scheduler_and_workers
 from vlmserve.frontend.offline import run_requests
 from vlmserve.shared.messages import ERROR, SamplingParams
 
@@ -66,7 +66,7 @@ def test_greedy_matches_transformers(
     model_dir = checkpoints[arch]
     prompts = random_prompts(PROMPT_LENS, vocab=512, seed=1)
     refs = reference(model_dir, prompts)
-    with engine(model_dir, workdir, block_size=16, **SCENARIOS[scenario]) as eng:
+    with scheduler_and_workers(model_dir, workdir, block_size=16, **SCENARIOS[scenario]) as eng:
         results, status = run_requests(eng["config"], [(p, GREEDY) for p in prompts])
     assert_all_match(f"{arch}/{scenario}", results, refs)
     if scenario == "preempted":
@@ -82,7 +82,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(
         (p, SamplingParams(max_tokens=20, temperature=1.0))
         for p in random_prompts([11] * 6, 512, 3)
     ]
-    with engine(checkpoints["llama"], workdir, num_kv_blocks=256) as eng:
+    with scheduler_and_workers(checkpoints["llama"], workdir, num_kv_blocks=256) as eng:
         alone = run_requests(eng["config"], [(prompts[0], seeded)])[0][0]
         again = run_requests(eng["config"], [(prompts[0], seeded)])[0][0]
         mixed = run_requests(eng["config"], others[:3] + [(prompts[0], seeded)] + others[3:])[0][3]
@@ -97,7 +97,9 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(
 def test_worker_death_fails_requests_and_stops_scheduler(checkpoints: dict, workdir: str) -> None:
     prompts = random_prompts([20] * 4, vocab=512, seed=4)
     long = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
-    with engine(checkpoints["llama"], workdir, num_kv_blocks=512, worker_timeout=2.0) as eng:
+    with scheduler_and_workers(
+        checkpoints["llama"], workdir, num_kv_blocks=512, worker_timeout=2.0
+    ) as eng:
         procs = eng["procs"]
         killer_started = []
         # The engine is up once it has answered: only then start the clock on the kill.

@@ -21,7 +21,7 @@ import pytest
 import torch.distributed as dist
 from hf_reference import compare_greedy, hf_greedy
 
-from vlmserve.deploy.launcher import engine
+from vlmserve.deploy.launcher import scheduler_and_workers
 from vlmserve.frontend.offline import Finished, run_requests
 from vlmserve.frontend.scheduler_client import SchedulerClient, SchedulerUnavailable
 from vlmserve.shared.config import Config
@@ -66,7 +66,7 @@ def prompts_for(seed: int) -> list[list[int]]:
 
 
 def generate(model_dir: str, workdir: str, tp: int, prompts: list[list[int]]) -> list[Finished]:
-    with engine(model_dir, workdir, tp=tp, **ENGINE) as eng:
+    with scheduler_and_workers(model_dir, workdir, tp=tp, **ENGINE) as eng:
         results, _ = run_requests(eng["config"], [(p, GREEDY) for p in prompts], timeout=60)
     for i, res in enumerate(results):
         assert res.error is None, f"tp {tp} request {i}: {res.error}"
@@ -260,7 +260,7 @@ async def _generate_and_kill(
 
 def test_rank_death_fails_requests_and_every_process_exits(build, workdir: str) -> None:
     settings = {**ENGINE, "num_kv_blocks": 512, "worker_timeout": 2.0}
-    with engine(build("llama", "even"), workdir, tp=2, **settings) as eng:
+    with scheduler_and_workers(build("llama", "even"), workdir, tp=2, **settings) as eng:
         procs = eng["procs"]
         results, finished_at, killed_at = asyncio.run(
             _generate_and_kill(eng["config"], prompts_for(seed=3), procs["worker1"], 8)
@@ -283,7 +283,7 @@ def test_rank_death_fails_requests_and_every_process_exits(build, workdir: str) 
 def test_scheduler_death_ends_every_rank(build, workdir: str) -> None:
     """Ranks whose scheduler is gone exit by themselves, even from inside a collective."""
     settings = {**ENGINE, "num_kv_blocks": 512, "worker_timeout": 2.0}
-    with engine(build("llama", "kv3"), workdir, tp=2, **settings) as eng:
+    with scheduler_and_workers(build("llama", "kv3"), workdir, tp=2, **settings) as eng:
         procs = eng["procs"]
         _, _, killed_at = asyncio.run(
             _generate_and_kill(eng["config"], prompts_for(seed=4), procs["scheduler"], 8)
