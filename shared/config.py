@@ -43,6 +43,8 @@ HELP: dict[str, str] = {
     "cache_max_entry_count": "fraction of free device memory (on cpu: of --cpu-cache-gib) for KV",
     "cpu_cache_gib": "memory budget on cpu that --cache-max-entry-count is a fraction of",
     "num_kv_blocks": "exact number of KV blocks, overriding the memory-based size (0: off)",
+    "attention_backend": "attention kernels the workers run over the KV cache: torch (the "
+    "plain-torch reference, also the CPU path)",
     "worker_timeout": "seconds without a heartbeat after which a worker counts as dead",
     "seed": "seed for requests that bring none",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -89,6 +91,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cache_max_entry_count: float = 0.8
     cpu_cache_gib: float = 4.0
     num_kv_blocks: int = 0
+    attention_backend: str = "torch"
     worker_timeout: float = 3.0
     seed: int = 0
     log_level: str = "INFO"

@@ -204,7 +204,6 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     seq_ids: list[int]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None = None  # aligned with seq_ids when any asked
-    forward_s: float = 0.0
 
 
 class WorkerFailed(msgspec.Struct, tag=True, **HOT):

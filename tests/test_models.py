@@ -17,10 +17,12 @@ from PIL import Image
 from vlmserve.shared.arrays import to_frames
 from vlmserve.shared.messages import ImageMeta, NewSeq, SamplingParams, SeqStep, StepPlan
 from vlmserve.shared.models import checkpoint_spec
+from vlmserve.workers.attention.context import step_context
+from vlmserve.workers.attention.metadata import build_metadata
+from vlmserve.workers.attention.torch_backend import TorchBackend
 from vlmserve.workers.demo_checkpoint import build_checkpoint
 from vlmserve.workers.demo_vlm import build_llava
-from vlmserve.workers.forward_context import ForwardContext, PrefillSpan, step_context
-from vlmserve.workers.kv_cache import allocate_kv_cache
+from vlmserve.workers.kv_pool import KVPool
 from vlmserve.workers.loader import load_model
 from vlmserve.workers.model_runner import ModelRunner
 
@@ -39,13 +41,11 @@ ROPE_CASES = [
 def test_prefill_logits_equal_transformers(arch: str, rope: dict | None, tmp_path) -> None:  # noqa: ANN001
     model_dir = build_checkpoint(str(tmp_path / arch), arch=arch, rope_scaling=rope)
     ours = load_model(model_dir, torch.float32, CPU)
-    allocate_kv_cache(ours, 16, 16, torch.float32, CPU)
+    backend = TorchBackend(KVPool.for_model(ours, 16, 16, torch.float32, CPU))
     ids = torch.tensor(np.random.default_rng(0).integers(3, 512, 200))
-    positions = torch.arange(len(ids))
-    span = PrefillSpan(0, len(ids), len(ids), None)
-    ctx = ForwardContext(slot_mapping=positions, prefills=[span], decodes=[])
-    with torch.no_grad(), step_context(ctx):
-        logits = ours.compute_logits(ours(ids, positions))
+    metadata = build_metadata([0], [len(ids)], [list(range(16))], 16, CPU)
+    with torch.no_grad(), step_context(metadata, backend):
+        logits = ours.compute_logits(ours(ids, metadata.positions))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         expected = theirs(ids[None]).logits[0]
@@ -55,7 +55,7 @@ def test_prefill_logits_equal_transformers(arch: str, rope: dict | None, tmp_pat
 def test_vision_encoder_runs_once_per_distinct_image(tmp_path) -> None:  # noqa: ANN001
     model_dir = build_llava(str(tmp_path / "llava"))
     model = load_model(model_dir, torch.float32, CPU)
-    allocate_kv_cache(model, 64, 16, torch.float32, CPU)
+    backend = TorchBackend(KVPool.for_model(model, 64, 16, torch.float32, CPU))
     batches: list[int] = []
     encode = model.vision.forward
 
@@ -64,7 +64,7 @@ def test_vision_encoder_runs_once_per_distinct_image(tmp_path) -> None:  # noqa:
         return encode(arrays)
 
     model.vision.forward = counting
-    runner = ModelRunner(model, 16, [2], CPU, encoder_cache_bytes=1 << 20)
+    runner = ModelRunner(model, backend, [2], CPU, encoder_cache_bytes=1 << 20)
     images = checkpoint_spec(model_dir).image_processor(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = tokenizer.apply_chat_template(

@@ -39,7 +39,8 @@ from vlmserve.shared.messages import (
 from vlmserve.shared.models import read_model_info
 from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
-from vlmserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
+from vlmserve.workers.attention.registry import attention_backend
+from vlmserve.workers.kv_pool import KVPool, num_blocks_for
 from vlmserve.workers.loader import load_model
 from vlmserve.workers.model_runner import ModelRunner
 from vlmserve.workers.parallel import join_group, local_rank
@@ -112,19 +113,20 @@ def serve(config: Config) -> int:
     plan_codec = Codec(SchedulerMsg)
     group = None
     try:
+        backend = attention_backend(config.attention_backend)  # refused before loading
         group = join_group(config, device)  # before the model: layers shard by the group
         model = load_model(config.model, dtype, device)
         info = read_model_info(config.model)
         session_len = model_session_len(config.session_len, info)
         num_blocks = num_blocks_for(config, model, dtype, device, session_len)
-        allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
+        pool = KVPool.for_model(model, num_blocks, config.block_size, dtype, device)
         # Every rank runs the plan (the layers' collectives need all of them) and ends with
         # the whole vocabulary's logits, all-gathered. Only rank 0 samples and answers: no
         # broadcast of sampled tokens, and seeded draws happen in one place. The others
         # learn the tokens from the next plan like any other.
         runner = ModelRunner(
             model,
-            config.block_size,
+            backend(pool),
             info.eos_token_ids,
             device,
             config.encoder_cache_mb << 20,

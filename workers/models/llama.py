@@ -24,7 +24,7 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
@@ -41,7 +41,9 @@ class LlamaAttention(nn.Module):
         )
         self.head_dim = head_dim
         proj = self.qkv_proj
-        self.attn = PagedAttention(proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5)
+        self.attn = PagedAttention(
+            proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5, layer_idx
+        )
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         proj = self.qkv_proj
@@ -69,10 +71,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, qkv_bias)
+        self.self_attn = LlamaAttention(config, qkv_bias, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -88,7 +90,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -1,0 +1,1 @@
+"""Attention backends over the paged KV pool: neutral per-step metadata, one file per backend."""

@@ -1,0 +1,81 @@
+"""The per-step attention metadata every backend starts from, in the form kernel libraries take.
+
+Sequences come decodes first (one new token each), then prefills and prefill chunks, as in
+vLLM: a backend that treats the two apart finds its decodes in rows [0, num_decodes). The
+tensors are on the model's device; the `_cpu` copies let a backend plan shapes (group sizes,
+padded lengths) without reading the device back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cu_seqlens of the step's new tokens
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length of each sequence after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with block 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot each new token's K/V goes to
+    positions: torch.Tensor  # [num_tokens] int64: each new token's position in its sequence
+    query_start_loc_cpu: torch.Tensor  # query_start_loc on the host
+    seq_lens_cpu: torch.Tensor  # seq_lens on the host
+    block_size: int
+    num_seqs: int
+    num_decodes: int  # the leading sequences that compute one token each
+    num_tokens: int
+    max_query_len: int
+    max_seq_len: int
+
+
+def build_metadata(
+    starts: list[int],
+    query_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> AttentionMetadata:
+    """Metadata of sequences that compute tokens [start, start + query_len) each.
+
+    The caller orders them decodes first. Slots come from the block tables and positions
+    by arithmetic over the whole step, not per token.
+    """
+    num_seqs = len(starts)
+    start = torch.tensor(starts, dtype=torch.int32)
+    query_len = torch.tensor(query_lens, dtype=torch.int32)
+    seq_lens = start + query_len
+    query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    torch.cumsum(query_len, 0, out=query_start_loc[1:])
+    max_seq_len = int(seq_lens.max())
+    tables = padded_block_tables(block_tables, -(-max_seq_len // block_size))
+    num_tokens = int(query_start_loc[-1])
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_len.long())  # [tokens]
+    offset = (start - query_start_loc[:-1]).long()  # position minus batch row, per sequence
+    positions = torch.arange(num_tokens) + offset[seq_of_token]
+    blocks = tables[seq_of_token, positions // block_size].long()
+    num_decodes = 0
+    while num_decodes < num_seqs and query_lens[num_decodes] == 1:
+        num_decodes += 1
+    return AttentionMetadata(
+        query_start_loc=query_start_loc.to(device),
+        seq_lens=seq_lens.to(device),
+        block_tables=tables.to(device),
+        slot_mapping=(blocks * block_size + positions % block_size).to(device),
+        positions=positions.to(device),
+        query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=seq_lens,
+        block_size=block_size,
+        num_seqs=num_seqs,
+        num_decodes=num_decodes,
+        num_tokens=num_tokens,
+        max_query_len=max(query_lens),
+        max_seq_len=max_seq_len,
+    )
+
+
+def padded_block_tables(block_tables: list[list[int]], width: int) -> torch.Tensor:
+    """[seqs, width] int32: each table cut or padded with block 0 to `width` blocks."""
+    rows = [table[:width] + [0] * (width - len(table[:width])) for table in block_tables]
+    return torch.tensor(rows, dtype=torch.int32).view(len(block_tables), width)
