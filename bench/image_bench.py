@@ -29,7 +29,7 @@ from report import free_port, write_json
 from serve_client import Prompt, run_load, summarize
 
 from vlmserve.deploy.launcher import server
-from vlmserve.frontend.images import decode_image
+from vlmserve.frontend.media_fetch import decode_image
 from vlmserve.frontend.prompts import Prompter
 from vlmserve.frontend.schemas import ChatMessage
 from vlmserve.shared.config import Config, new_run_id

@@ -11,7 +11,7 @@ import falcon.asgi
 
 from vlmserve.frontend.detokenizer import TokenTexts
 from vlmserve.frontend.errors import invalid_api_key, register_error_handlers
-from vlmserve.frontend.images import make_client
+from vlmserve.frontend.media_fetch import make_client
 from vlmserve.frontend.openapi import STATIC_DIR
 from vlmserve.frontend.prompts import Prompter
 from vlmserve.frontend.routes.chat import ChatCompletionsResource

@@ -12,7 +12,7 @@ import transformers
 from PIL import Image
 
 from vlmserve.frontend.errors import bad_request
-from vlmserve.frontend.images import image_hash
+from vlmserve.frontend.media_fetch import image_hash
 from vlmserve.frontend.schemas import ChatMessage, ImagePart
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.shared.models.processing import tokenize_rendered

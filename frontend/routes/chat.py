@@ -19,7 +19,7 @@ from vlmserve.frontend.generation import (
     collect_choices,
     generate_choices,
 )
-from vlmserve.frontend.images import load_images
+from vlmserve.frontend.media_fetch import load_images
 from vlmserve.frontend.schemas import (
     AssistantMessage,
     ChatChoice,

@@ -1,4 +1,4 @@
-"""Images of a chat request: fetch or read the bytes, decode them off the event loop, hash them.
+"""Fetches and decodes a request's images safely (SSRF-guarded, capped), off the event loop.
 
 Three sources are accepted: `data:image/<fmt>;base64,...` URLs, http(s) URLs (public
 addresses only, unless the host is in --allowed-media-domains; size, time and redirect

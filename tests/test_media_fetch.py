@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from vlmserve.frontend.errors import APIError
-from vlmserve.frontend.images import (
+from vlmserve.frontend.media_fetch import (
     check_image_count,
     image_hash,
     is_public_address,
