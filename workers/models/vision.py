@@ -17,13 +17,22 @@ from torch import nn
 
 
 def build_vision_half(hf_config: Any, class_name: str) -> nn.Module:
-    """transformers' multimodal model `class_name` for `hf_config`, minus its language model."""
+    """transformers' multimodal model `class_name` for `hf_config`, minus its language model.
+
+    Its language model is built only to be dropped, from a config of its own class that keeps
+    nothing of the checkpoint's text config but the width the projector maps into: no other
+    field (pad and special token ids, layer types, RoPE settings) can break building it.
+    """
     config = copy.deepcopy(hf_config)
-    text = config.text_config
-    text.num_hidden_layers = 0  # built only to be dropped: keep it empty
-    text.vocab_size = 1
-    if getattr(text, "layer_types", None) is not None:
-        text.layer_types = []
+    text = hf_config.text_config
+    config.text_config = type(text)(
+        hidden_size=text.hidden_size,
+        num_hidden_layers=0,
+        vocab_size=1,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     half = getattr(transformers, class_name)(config)
     del half.language_model
     return half.eval()
