@@ -17,8 +17,9 @@ import msgspec
 from vlmserve.frontend.detokenizer import TextStream, Tokenizer
 from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
 from vlmserve.frontend.prompts import ProcessedImage
+from vlmserve.frontend.sampling_params import stop_strings
 from vlmserve.frontend.scheduler_client import SchedulerClient
-from vlmserve.frontend.schemas import SamplingFields, stop_strings
+from vlmserve.frontend.schemas import SamplingFields
 from vlmserve.shared.arrays import to_frames
 from vlmserve.shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
 

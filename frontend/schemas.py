@@ -1,5 +1,9 @@
 """OpenAI request and response bodies as msgspec Structs: the source of /openapi.json.
 
+Only the shapes live here; checks across fields are `frontend/validation.py`'s (run by the
+`__post_init__` hooks below) and the mapping to the engine's SamplingParams is
+`frontend/sampling_params.py`'s.
+
 Requests are decoded strictly by type and `Meta` constraints (a bad body is a 400 naming
 the field) but unknown fields are ignored, because clients send extras (`session_id`,
 `tools: []`, ...) that we do not serve. Optional request fields accept `null`, as OpenAI's
@@ -9,16 +13,12 @@ chunk's `finish_reason` and a choice's `logprobs` are sent as `null`, not left o
 
 from __future__ import annotations
 
-import functools
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-from vlmserve.frontend.errors import bad_request, from_msgspec_error
-from vlmserve.shared.messages import SamplingParams
-
-T = TypeVar("T")
+from vlmserve.frontend import validation
 
 # ---- constrained scalars ---------------------------------------------------------------------
 
@@ -62,9 +62,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
 
     def __post_init__(self) -> None:
-        # ValueError (not APIError) so msgspec reports where: `$.messages[2]`.
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"`content` is required for a {self.role} message")
+        validation.check_chat_message(self)
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -107,12 +105,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        # Cross-field checks raise APIError, which msgspec lets through, to name the param.
-        if self.top_k is not None and self.top_k < -1:
-            raise bad_request("`top_k` must be -1 or 0 (off) or a positive number", "top_k")
-        for key in self.logit_bias or {}:
-            if not (key.isascii() and key.isdigit()):
-                raise bad_request(f"`logit_bias` keys must be token ids, got {key!r}", "logit_bias")
+        validation.check_sampling_fields(self)
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -125,8 +118,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.top_logprobs and not self.logprobs:
-            raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
+        validation.check_chat_request(self)
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -140,7 +132,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        completion_prompts(self)  # raises a 400 on an empty or mixed batch
+        validation.completion_prompts(self)  # raises a 400 on an empty or mixed batch
 
 
 # ---- generation responses --------------------------------------------------------------------
@@ -320,8 +312,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     ] = True
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise bad_request("Send exactly one of `prompt` and `messages`", "prompt")
+        validation.check_tokenize_request(self)
 
 
 class TokenizeResponse(msgspec.Struct, kw_only=True):
@@ -337,86 +328,3 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
 
 class DetokenizeResponse(msgspec.Struct, kw_only=True):
     prompt: str
-
-
-# ---- decoding and mapping --------------------------------------------------------------------
-
-
-@functools.cache
-def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
-    return msgspec.json.Decoder(kind)
-
-
-def decode_request(body: bytes, kind: type[T]) -> T:
-    """Decode a JSON body into `kind`; any problem is an APIError (400) naming the field."""
-    try:
-        return _decoder(kind).decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-        raise from_msgspec_error(exc) from None
-
-
-def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
-    """The request's prompts, one per entry: each a string or a list of token ids."""
-    prompt = req.prompt
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise bad_request("`prompt` must not be empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [prompt]  # one tokenized prompt
-    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
-        if any(isinstance(p, list) and not p for p in prompt):
-            raise bad_request("`prompt` must not contain an empty list of token ids", "prompt")
-        return list(prompt)
-    raise bad_request(
-        "`prompt` must be a string, a list of strings, a list of token ids, "
-        "or a list of lists of token ids",
-        "prompt",
-    )
-
-
-def stop_strings(req: SamplingFields) -> list[str]:
-    """`stop` as a list; empty strings are dropped (they would match at once)."""
-    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    return [s for s in stop if s]
-
-
-def to_sampling_params(
-    req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int
-) -> SamplingParams:
-    """The engine's SamplingParams for a request.
-
-    `default_max_tokens` is used when the request names no limit: what fits in the session
-    after the prompt. Stop strings, `n`, `echo` and detokenization options stay with the
-    frontend (see `stop_strings`).
-    """
-    if isinstance(req, ChatCompletionRequest):
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        # Chat: `logprobs` switches them on, `top_logprobs` says how many alternatives.
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        max_tokens = req.max_tokens
-        logprobs = req.logprobs
-    max_tokens = max_tokens or default_max_tokens
-    min_tokens = req.min_tokens if req.min_tokens is not None else (req.min_new_tokens or 0)
-    if min_tokens > max_tokens:
-        raise bad_request(
-            f"`min_tokens` ({min_tokens}) must not exceed `max_tokens` ({max_tokens})",
-            "min_tokens",
-        )
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k or 0, 0),  # vLLM's -1 and our 0 both mean off
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed,
-        logprobs=logprobs,
-        min_tokens=min_tokens,
-        ignore_eos=req.ignore_eos,
-        stop_token_ids=list(req.stop_token_ids or []),
-        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
-    )

@@ -10,6 +10,8 @@ import pytest
 
 from vlmserve.frontend import schemas as s
 from vlmserve.frontend.errors import APIError, model_not_found, register_error_handlers
+from vlmserve.frontend.sampling_params import stop_strings, to_sampling_params
+from vlmserve.frontend.validation import completion_prompts, decode_request
 from vlmserve.shared.messages import SamplingParams
 
 
@@ -20,7 +22,7 @@ def chat_body(**fields) -> bytes:
 
 def decode_error(body: bytes, kind: type) -> APIError:
     with pytest.raises(APIError) as info:
-        s.decode_request(body, kind)
+        decode_request(body, kind)
     assert info.value.status == 400
     return info.value
 
@@ -46,18 +48,18 @@ def test_chat_request_with_text_and_image_parts() -> None:
         stream_options={"include_usage": True},
         stop=["\n\n"],
     )
-    req = s.decode_request(body, s.ChatCompletionRequest)
+    req = decode_request(body, s.ChatCompletionRequest)
     parts = req.messages[1].content
     assert isinstance(parts, list)
     assert parts[0] == s.TextPart(text="what is this?")
     assert parts[1] == s.ImagePart(image_url=s.ImageURL(url="data:image/png;base64,AA"))
     assert parts[2] == s.ImagePart(image_url="https://example.com/cat.png")
     assert req.stream and req.stream_options == s.StreamOptions(include_usage=True)
-    assert s.stop_strings(req) == ["\n\n"]
+    assert stop_strings(req) == ["\n\n"]
 
 
 def test_unknown_fields_are_ignored() -> None:
-    req = s.decode_request(
+    req = decode_request(
         chat_body(session_id=7, tools=[], messages=[{"role": "user", "content": "x", "foo": 1}]),
         s.ChatCompletionRequest,
     )
@@ -65,7 +67,7 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_null_optional_fields_are_accepted() -> None:
-    req = s.decode_request(
+    req = decode_request(
         chat_body(temperature=None, top_p=None, stop=None, logit_bias=None, max_tokens=None),
         s.ChatCompletionRequest,
     )
@@ -126,8 +128,8 @@ def test_missing_top_level_field_and_bad_json() -> None:
     ],
 )
 def test_completion_prompt_forms(prompt: object, expected: list) -> None:
-    req = s.decode_request(msgspec.json.encode({"prompt": prompt}), s.CompletionRequest)
-    assert s.completion_prompts(req) == expected
+    req = decode_request(msgspec.json.encode({"prompt": prompt}), s.CompletionRequest)
+    assert completion_prompts(req) == expected
 
 
 @pytest.mark.parametrize("prompt", [[], ["a", 1], [[1], "a"], [[1], []]])
@@ -142,17 +144,17 @@ def test_completion_logprobs_range() -> None:
 
 
 def test_tokenize_request_needs_prompt_or_messages() -> None:
-    assert s.decode_request(b'{"prompt": "x"}', s.TokenizeRequest).prompt == "x"
-    req = s.decode_request(b'{"messages": [{"role": "user", "content": "x"}]}', s.TokenizeRequest)
+    assert decode_request(b'{"prompt": "x"}', s.TokenizeRequest).prompt == "x"
+    req = decode_request(b'{"messages": [{"role": "user", "content": "x"}]}', s.TokenizeRequest)
     assert req.messages is not None
     decode_error(b"{}", s.TokenizeRequest)
     decode_error(b'{"prompt": "x", "messages": []}', s.TokenizeRequest)
 
 
 def test_encode_and_detokenize_requests() -> None:
-    req = s.decode_request(b'{"input": ["a", "b"]}', s.EncodeRequest)
+    req = decode_request(b'{"input": ["a", "b"]}', s.EncodeRequest)
     assert req.input == ["a", "b"] and req.add_bos and not req.do_preprocess
-    assert s.decode_request(b'{"tokens": [1, 2]}', s.DetokenizeRequest).tokens == [1, 2]
+    assert decode_request(b'{"tokens": [1, 2]}', s.DetokenizeRequest).tokens == [1, 2]
     assert decode_error(b'{"tokens": [-1]}', s.DetokenizeRequest).param == "tokens[0]"
 
 
@@ -160,12 +162,12 @@ def test_encode_and_detokenize_requests() -> None:
 
 
 def test_sampling_defaults() -> None:
-    req = s.decode_request(chat_body(), s.ChatCompletionRequest)
-    assert s.to_sampling_params(req, default_max_tokens=321) == SamplingParams(max_tokens=321)
+    req = decode_request(chat_body(), s.ChatCompletionRequest)
+    assert to_sampling_params(req, default_max_tokens=321) == SamplingParams(max_tokens=321)
 
 
 def test_chat_sampling_mapping() -> None:
-    req = s.decode_request(
+    req = decode_request(
         chat_body(
             max_tokens=10,
             max_completion_tokens=20,
@@ -187,7 +189,7 @@ def test_chat_sampling_mapping() -> None:
         ),
         s.ChatCompletionRequest,
     )
-    assert s.to_sampling_params(req, default_max_tokens=100) == SamplingParams(
+    assert to_sampling_params(req, default_max_tokens=100) == SamplingParams(
         max_tokens=20,  # max_completion_tokens wins
         temperature=0.0,
         top_p=0.5,
@@ -206,22 +208,22 @@ def test_chat_sampling_mapping() -> None:
 
 
 def test_chat_logprobs_without_top_is_zero_alternatives() -> None:
-    req = s.decode_request(chat_body(logprobs=True), s.ChatCompletionRequest)
-    assert s.to_sampling_params(req, 16).logprobs == 0
-    req = s.decode_request(chat_body(logprobs=False), s.ChatCompletionRequest)
-    assert s.to_sampling_params(req, 16).logprobs is None
+    req = decode_request(chat_body(logprobs=True), s.ChatCompletionRequest)
+    assert to_sampling_params(req, 16).logprobs == 0
+    req = decode_request(chat_body(logprobs=False), s.ChatCompletionRequest)
+    assert to_sampling_params(req, 16).logprobs is None
 
 
 def test_completion_sampling_mapping() -> None:
     body = b'{"prompt": "x", "max_tokens": 5, "logprobs": 2, "min_new_tokens": 1, "top_k": 40}'
-    params = s.to_sampling_params(s.decode_request(body, s.CompletionRequest), 100)
+    params = to_sampling_params(decode_request(body, s.CompletionRequest), 100)
     assert (params.max_tokens, params.logprobs, params.min_tokens, params.top_k) == (5, 2, 1, 40)
 
 
 def test_min_tokens_over_max_tokens_is_400() -> None:
-    req = s.decode_request(chat_body(max_tokens=3, min_tokens=4), s.ChatCompletionRequest)
+    req = decode_request(chat_body(max_tokens=3, min_tokens=4), s.ChatCompletionRequest)
     with pytest.raises(APIError) as info:
-        s.to_sampling_params(req, 100)
+        to_sampling_params(req, 100)
     assert info.value.param == "min_tokens"
 
 
@@ -363,7 +365,7 @@ def test_model_list_shape() -> None:
 class _Chat:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await req.stream.read()
-        chat = s.decode_request(body, s.ChatCompletionRequest)
+        chat = decode_request(body, s.ChatCompletionRequest)
         if chat.model != "m":
             raise model_not_found(chat.model or "")
         if chat.user == "boom":

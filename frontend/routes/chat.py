@@ -20,6 +20,7 @@ from vlmserve.frontend.generation import (
     generate_choices,
 )
 from vlmserve.frontend.media_fetch import load_images
+from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -33,11 +34,10 @@ from vlmserve.frontend.schemas import (
     ChatTokenLogprob,
     ImagePart,
     TopLogprob,
-    decode_request,
     make_usage,
-    to_sampling_params,
 )
 from vlmserve.frontend.state import FrontendState
+from vlmserve.frontend.validation import decode_request
 from vlmserve.shared.messages import TokenLogprob
 
 encoder = msgspec.json.Encoder()

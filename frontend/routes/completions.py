@@ -19,17 +19,16 @@ from vlmserve.frontend.generation import (
     generate_choices,
 )
 from vlmserve.frontend.routes.chat import encoder, sse
+from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    completion_prompts,
-    decode_request,
     make_usage,
-    to_sampling_params,
 )
 from vlmserve.frontend.state import FrontendState
+from vlmserve.frontend.validation import completion_prompts, decode_request
 from vlmserve.shared.messages import TokenLogprob
 
 

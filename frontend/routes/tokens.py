@@ -13,9 +13,9 @@ from vlmserve.frontend.schemas import (
     EncodeResponse,
     TokenizeRequest,
     TokenizeResponse,
-    decode_request,
 )
 from vlmserve.frontend.state import FrontendState
+from vlmserve.frontend.validation import decode_request
 
 
 def _json(resp: falcon.asgi.Response, body: msgspec.Struct) -> None:

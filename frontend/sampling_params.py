@@ -1,0 +1,57 @@
+"""What of a generation request goes to the engine (SamplingParams) and what stays here.
+
+Stop strings, `n`, `echo` and the detokenization options stay with the frontend; everything
+that decides which token comes next travels to the workers in SamplingParams.
+"""
+
+from __future__ import annotations
+
+from vlmserve.frontend.errors import bad_request
+from vlmserve.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from vlmserve.shared.messages import SamplingParams
+
+
+def stop_strings(req: SamplingFields) -> list[str]:
+    """`stop` as a list; empty strings are dropped (they would match at once)."""
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    return [s for s in stop if s]
+
+
+def to_sampling_params(
+    req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int
+) -> SamplingParams:
+    """The engine's SamplingParams for a request.
+
+    `default_max_tokens` is used when the request names no limit: what fits in the session
+    after the prompt.
+    """
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        # Chat: `logprobs` switches them on, `top_logprobs` says how many alternatives.
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        max_tokens = req.max_tokens
+        logprobs = req.logprobs
+    max_tokens = max_tokens or default_max_tokens
+    min_tokens = req.min_tokens if req.min_tokens is not None else (req.min_new_tokens or 0)
+    if min_tokens > max_tokens:
+        raise bad_request(
+            f"`min_tokens` ({min_tokens}) must not exceed `max_tokens` ({max_tokens})",
+            "min_tokens",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),  # vLLM's -1 and our 0 both mean off
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        logprobs=logprobs,
+        min_tokens=min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop_token_ids=list(req.stop_token_ids or []),
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+    )
