@@ -59,11 +59,14 @@ BUILDERS = {
     # The original LLaVA repository's format, against transformers' LLaVA-NeXT on the same
     # weights, prompted with the Vicuna conversation format those checkpoints use.
     "llava_original": lambda d: build_llava_original(d, d + "-twin"),
+    # LLaVA-1.5 originals (image_aspect_ratio "pad"), against transformers' LLaVA whose
+    # processor pads images to a square the same way.
+    "llava_original_1_5": lambda d: build_llava_original(d, d + "-twin", version="1.5"),
 }
 
 
 def reference(arch: str, model_dir: str) -> VLMReference:
-    if arch == "llava_original":
+    if arch.startswith("llava_original"):
         return VLMReference(model_dir + "-twin", chat_template=VICUNA_V1_TEMPLATE)
     return VLMReference(model_dir)
 

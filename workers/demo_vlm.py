@@ -22,7 +22,9 @@ from vlmserve.workers.demo_checkpoint import fast_tokenizer
 
 log = logging.getLogger("vlmserve.demo_vlm")
 
-VISION_ARCHES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_original")
+VISION_ARCHES = (
+    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_original", "llava_original_1_5"
+)  # fmt: skip
 
 TEXT = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -71,8 +73,10 @@ def _save(
     model.save_pretrained(out_dir)
 
 
-def build_llava(out_dir: str, next_: bool = False, seed: int = 0) -> str:
-    """LLaVA-1.5, or LLaVA-NeXT (any-resolution tiles and the image newline) with `next_`."""
+def build_llava(out_dir: str, next_: bool = False, seed: int = 0, pad: bool = False) -> str:
+    """LLaVA-1.5, or LLaVA-NeXT (any-resolution tiles and the image newline) with `next_`.
+    `pad`: LLaVA-1.5's processor pads each image to a square first (do_pad), as the original
+    LLaVA-1.5 checkpoints' preprocessing does."""
     tokenizer = _fast_tokenizer(["<unk>", "<s>", "</s>"], "<s>", "</s>", seed)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -95,7 +99,11 @@ def build_llava(out_dir: str, next_: bool = False, seed: int = 0) -> str:
     else:
         config = transformers.LlavaConfig(**common)
         model_cls = transformers.LlavaForConditionalGeneration
-        images = transformers.CLIPImageProcessorPil(size=size, crop_size=crop)
+        images = (
+            transformers.LlavaImageProcessorPil(size=size, crop_size=crop, do_pad=True)
+            if pad
+            else transformers.CLIPImageProcessorPil(size=size, crop_size=crop)
+        )
         processor_cls = transformers.LlavaProcessor
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -171,14 +179,23 @@ def build_qwen2_vl(out_dir: str, v2_5: bool = False, seed: int = 0) -> str:
     return out_dir
 
 
-def build_llava_original(out_dir: str, hf_twin_dir: str, seed: int = 0) -> str:
+def build_llava_original(
+    out_dir: str, hf_twin_dir: str, seed: int = 0, version: str = "1.6"
+) -> str:
     """The original LLaVA repository's format (`LlavaLlamaForCausalLM`, as
-    liuhaotian/llava-v1.6-vicuna-7b), with the weights of a LLaVA-NeXT checkpoint built at
-    `hf_twin_dir`: the two must answer alike. Like LLaVA-1.5 originals, the weights leave
-    out the CLIP tower, which config.json names as a directory (clip-tower/ beside them)."""
+    liuhaotian/llava-v1.6-vicuna-7b, or with `version` "1.5" liuhaotian/llava-v1.5-7b), with
+    the weights of a LLaVA-NeXT (LLaVA-1.5 padding images) checkpoint built at `hf_twin_dir`:
+    the two must answer alike. Like the published originals, the weights leave out the CLIP
+    tower, which config.json names as a directory (clip-tower/ beside them)."""
+    v1_6 = version == "1.6"
     if not os.path.exists(os.path.join(hf_twin_dir, "config.json")):
-        build_llava(hf_twin_dir, next_=True, seed=seed)
-    twin = transformers.LlavaNextForConditionalGeneration.from_pretrained(hf_twin_dir).eval()
+        build_llava(hf_twin_dir, next_=v1_6, seed=seed, pad=not v1_6)
+    twin_cls = (
+        transformers.LlavaNextForConditionalGeneration
+        if v1_6
+        else transformers.LlavaForConditionalGeneration
+    )
+    twin = twin_cls.from_pretrained(hf_twin_dir).eval()
     os.makedirs(out_dir, exist_ok=True)
     tower_dir = os.path.join(out_dir, "clip-tower")
     tower = transformers.CLIPVisionModel(twin.config.vision_config)
@@ -194,7 +211,8 @@ def build_llava_original(out_dir: str, hf_twin_dir: str, seed: int = 0) -> str:
     for ours, layer in (("0", projector.linear_1), ("2", projector.linear_2)):
         weights[f"model.mm_projector.{ours}.weight"] = layer.weight
         weights[f"model.mm_projector.{ours}.bias"] = layer.bias
-    weights["model.image_newline"] = twin.model.image_newline
+    if v1_6:
+        weights["model.image_newline"] = twin.model.image_newline
     save_file({k: v.detach().contiguous() for k, v in weights.items()},
               os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
     text = twin.config.text_config.to_dict()
@@ -206,13 +224,15 @@ def build_llava_original(out_dir: str, hf_twin_dir: str, seed: int = 0) -> str:
         ) if k in text
     } | {
         "architectures": list(LlavaOriginalSpec.architectures), "model_type": "llava",
-        "tie_word_embeddings": False, "image_aspect_ratio": "anyres",
-        "image_grid_pinpoints": PINPOINTS, "mm_hidden_size": CLIP["hidden_size"],
+        "tie_word_embeddings": False, "mm_hidden_size": CLIP["hidden_size"],
         "mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "mlp2x_gelu",
         "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
         "mm_vision_tower": tower_dir, "use_mm_proj": True,
-    }  # fmt: skip
+    } | (
+        {"image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS}
+        if v1_6 else {"image_aspect_ratio": "pad"}
+    )  # fmt: skip
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     tokenizer = _fast_tokenizer(["<unk>", "<s>", "</s>"], "<s>", "</s>", seed)  # no <image>
@@ -231,8 +251,9 @@ def _save_generation_config(out_dir: str, tokenizer: transformers.PreTrainedToke
 
 def build_vision_checkpoint(out_dir: str, arch: str, seed: int = 0) -> str:
     """Any of VISION_ARCHES by name (the original LLaVA format gets its twin beside it)."""
-    if arch == "llava_original":
-        return build_llava_original(out_dir, out_dir.rstrip("/") + "-hf-twin", seed)
+    if arch.startswith("llava_original"):
+        version = "1.5" if arch == "llava_original_1_5" else "1.6"
+        return build_llava_original(out_dir, out_dir.rstrip("/") + "-hf-twin", seed, version)
     if arch in ("llava", "llava_next"):
         return build_llava(out_dir, next_=arch == "llava_next", seed=seed)
     return build_qwen2_vl(out_dir, v2_5=arch == "qwen2_5_vl", seed=seed)

@@ -1,9 +1,10 @@
 """Checkpoints in the original LLaVA repository's format (`LlavaLlamaForCausalLM`, e.g.
-liuhaotian/llava-v1.6-vicuna-7b): read as the LLaVA-NeXT model they are.
+liuhaotian/llava-v1.5-7b, liuhaotian/llava-v1.6-vicuna-7b): read as the LLaVA (v1.5) or
+LLaVA-NeXT (v1.6) model they are.
 
 Their config.json is a Llama config plus `mm_*` fields naming a CLIP tower by path or hub id;
 they carry no chat template (the "vicuna_v1" conversation format is theirs) and tokenize the text
-around each `<image>` on its own. We build the equivalent transformers LlavaNextConfig; the
+around each `<image>` on its own. We build the equivalent transformers config; the
 compute side (vlmserve.workers.models.llava_original) maps the weight names.
 """
 
@@ -56,82 +57,100 @@ def tower_dir(model_dir: str) -> str:
     return resolve_tower(model_dir, raw["mm_vision_tower"])
 
 
-def llava_next_config(model_dir: str) -> Any:
-    """The transformers LlavaNextConfig equivalent to an original LLaVA-1.6 config."""
+def original_config(model_dir: str) -> Any:
+    """The transformers config equivalent to an original LLaVA config: LLaVA-NeXT for a v1.6
+    (`image_aspect_ratio` "anyres"), LLaVA for a v1.5 ("pad": each image padded to a square)."""
     import transformers
 
     raw = read_json(os.path.join(model_dir, "config.json"))
-    if raw.get("image_aspect_ratio") != "anyres" or raw.get("mm_projector_type") != "mlp2x_gelu":
+    aspect, projector = raw.get("image_aspect_ratio"), raw.get("mm_projector_type")
+    if aspect not in ("anyres", "pad") or projector != "mlp2x_gelu":
         raise ValueError(
-            "only LLaVA-1.6 original checkpoints (image_aspect_ratio 'anyres', mm_projector_type "
-            f"'mlp2x_gelu') are supported; got {raw.get('image_aspect_ratio')!r}, "
-            f"{raw.get('mm_projector_type')!r}"
+            "only original LLaVA-1.5 and 1.6 checkpoints (image_aspect_ratio 'pad' or 'anyres', "
+            f"mm_projector_type 'mlp2x_gelu') are supported; got {aspect!r}, {projector!r}"
         )
     vision = transformers.AutoConfig.from_pretrained(tower_dir(model_dir))
     vision = getattr(vision, "vision_config", vision)  # a full CLIP checkpoint or a tower
     text = {k: v for k, v in raw.items() if not k.startswith(("mm_", "image_", "architectures"))}
     text.pop("model_type", None)
     select = {"patch": "default", "cls_patch": "full"}[raw.get("mm_vision_select_feature", "patch")]
-    return transformers.LlavaNextConfig(
+    common = dict(
         vision_config=vision.to_dict() | {"model_type": "clip_vision_model"},
         text_config=transformers.LlamaConfig(**text).to_dict(),
         image_token_id=PLACEHOLDER_ID,
-        image_grid_pinpoints=raw["image_grid_pinpoints"],
         vision_feature_layer=raw.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy=select,
         projector_hidden_act="gelu",
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
+    )
+    if aspect == "pad":
+        return transformers.LlavaConfig(**common, architectures=["LlavaForConditionalGeneration"])
+    return transformers.LlavaNextConfig(
+        **common,
+        image_grid_pinpoints=raw["image_grid_pinpoints"],
         architectures=["LlavaNextForConditionalGeneration"],
     )
 
 
 class LlavaOriginalImages:
-    """The CLIP tower's image processor with any-resolution tiles, and the original
+    """The CLIP tower's image processor (v1.6: any-resolution tiles; v1.5: padded to a square
+    of the mean colour first, as the original `expand2square` does), and the original
     tokenization: text around each `<image>` tokenized on its own, placeholders put between
     (as its `tokenizer_image_token` does)."""
 
     def __init__(self, model_dir: str) -> None:
         import transformers
 
-        self.config = llava_next_config(model_dir)
+        self.config = original_config(model_dir)
+        self.anyres = hasattr(self.config, "image_grid_pinpoints")
         clip = transformers.AutoImageProcessor.from_pretrained(tower_dir(model_dir))
-        self.image_processor = transformers.LlavaNextImageProcessorPil(
-            size=clip.size,
-            crop_size=clip.crop_size,
-            image_mean=clip.image_mean,
+        settings = dict(
+            size=clip.size, crop_size=clip.crop_size, image_mean=clip.image_mean,
             image_std=clip.image_std,
-            image_grid_pinpoints=self.config.image_grid_pinpoints,
-        )
+        )  # fmt: skip
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        # Counts placeholders the way transformers' LLaVA-NeXT processor does.
-        self.counter = transformers.LlavaNextProcessor(
-            image_processor=self.image_processor,
-            tokenizer=self.tokenizer,
-            patch_size=self.config.vision_config.patch_size,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            image_token=self.tokenizer.convert_ids_to_tokens(PLACEHOLDER_ID),
-        )
+        vision = self.config.vision_config
+        if self.anyres:
+            self.image_processor = transformers.LlavaNextImageProcessorPil(
+                **settings, image_grid_pinpoints=self.config.image_grid_pinpoints
+            )
+            # Counts placeholders the way transformers' LLaVA-NeXT processor does.
+            self.counter = transformers.LlavaNextProcessor(
+                image_processor=self.image_processor,
+                tokenizer=self.tokenizer,
+                patch_size=vision.patch_size,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                image_token=self.tokenizer.convert_ids_to_tokens(PLACEHOLDER_ID),
+            )
+        else:
+            self.image_processor = transformers.LlavaImageProcessorPil(**settings, do_pad=True)
+            patches = (vision.image_size // vision.patch_size) ** 2
+            full = self.config.vision_feature_select_strategy == "full"
+            self.count = patches + 1 if full else patches  # with or without CLIP's CLS row
 
     def process(self, text: str, images: list) -> tuple[list[int], list[PlacedImage]]:
         chunks = text.split("<image>")
         if len(chunks) != len(images) + 1:
             raise ValueError(f"{len(chunks) - 1} image placeholders for {len(images)} images")
         out = self.image_processor(images=images, return_tensors="np")
-        crop = self.image_processor.crop_size
         ids = tokenize_rendered(self.tokenizer, chunks[0])
         placed = []
         for i, chunk in enumerate(chunks[1:]):
-            height, width = out["image_sizes"][i].tolist()
-            count = self.counter._get_number_of_features(
-                height, width, crop["height"], crop["width"]
-            )
-            arrays = next_arrays(
-                out, i, self.config.image_grid_pinpoints, self.config.vision_config
-            )
+            count, arrays = self._image(out, i)
             placed.append(PlacedImage(len(ids), count, arrays))
             ids += [PLACEHOLDER_ID] * count
             ids += self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
         return ids, placed
+
+    def _image(self, out: Any, i: int) -> tuple[int, dict]:
+        """Image i's placeholder count and arrays."""
+        if not self.anyres:
+            return self.count, {"pixel_values": out["pixel_values"][i : i + 1]}
+        crop = self.image_processor.crop_size
+        height, width = out["image_sizes"][i].tolist()
+        count = self.counter._get_number_of_features(height, width, crop["height"], crop["width"])
+        config = self.config
+        return count, next_arrays(out, i, config.image_grid_pinpoints, config.vision_config)
 
 
 class LlavaOriginalSpec(ModelSpec):
@@ -139,7 +158,7 @@ class LlavaOriginalSpec(ModelSpec):
     architectures = ("LlavaLlamaForCausalLM",)
 
     def hf_config(self, model_dir: str) -> Any:
-        return llava_next_config(model_dir)
+        return original_config(model_dir)
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
         return LlavaOriginalImages(model_dir)

@@ -1,5 +1,6 @@
 """The original LLaVA repository's checkpoints (`LlavaLlamaForCausalLM`), computed as the
-LLaVA-NeXT model they are (the spec, vlmserve.shared.models.llava_original, builds the config).
+LLaVA-NeXT (v1.6) or LLaVA (v1.5) model they are (the spec,
+vlmserve.shared.models.llava_original, builds the config).
 
 Their weights sit under `model.` with the projector as `model.mm_projector.{0,2}`; the CLIP
 tower is either inside the checkpoint or only named by it, and then loaded from its own folder.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Any
 
 from safetensors import safe_open
 
@@ -47,6 +49,10 @@ def _has_tower(model_dir: str) -> bool:
 
 class LlavaOriginalModel(LlavaNextModel):
     name_prefixes = NAME_PREFIXES
+
+    def vision_class(self, hf_config: Any) -> str:
+        # v1.6 checkpoints tile images (LLaVA-NeXT); v1.5 ones do not (LLaVA).
+        return "LlavaNextModel" if hasattr(hf_config, "image_grid_pinpoints") else "LlavaModel"
 
     def weight_sources(self, model_dir: str) -> list[WeightSource]:
         if _has_tower(model_dir):

@@ -33,8 +33,11 @@ class VisionLanguageModel(nn.Module):
         text = copy.deepcopy(hf_config.text_config)
         text.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
         self.language = self.decoder_class(text)(text)
-        self.vision = VisionEncoder(hf_config, self.vision_half)
+        self.vision = VisionEncoder(hf_config, self.vision_class(hf_config))
         self.image_token_id: int = hf_config.image_token_id
+
+    def vision_class(self, hf_config: Any) -> str:
+        return self.vision_half
 
     def decoder_class(self, text_config: Any) -> type[LlamaForCausalLM]:
         return decoder_for(text_config)
