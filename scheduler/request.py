@@ -53,10 +53,6 @@ class Request:
         return len(self.token_ids) - self.prompt_len
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
-
-    @property
     def remaining(self) -> int:
         """Tokens still to compute; 1 for a decode, 0 while its sampled token is in flight."""
         return len(self.token_ids) - self.num_computed

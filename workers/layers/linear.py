@@ -1,4 +1,5 @@
-"""Linear layers for tensor parallelism: replicated, column-parallel, row-parallel.
+"""Linear layers for tensor parallelism: column-parallel projections merged into one matmul
+(gate and up; q, k and v) and row-parallel ones.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this
 rank's slice of a checkpoint tensor. `loaded` is a torch tensor or a safetensors slice
@@ -14,10 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.workers.parallel import all_reduce, divide, shard_heads, tp_rank, tp_size
-
-
-def shape_of(loaded: Any) -> list[int]:
-    return list(loaded.shape) if isinstance(loaded, torch.Tensor) else loaded.get_shape()
 
 
 def read_rows(loaded: Any, start: int, size: int) -> torch.Tensor:
@@ -57,21 +54,6 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-class ReplicatedLinear(LinearBase):
-    """Every rank holds the whole weight."""
-
-
-class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks; each rank returns its slice of the output."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, divide(out_features, tp_size()), bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        size = param.shape[0]
-        copy_into(param, read_rows(loaded, tp_rank() * size, size))
 
 
 class MergedColumnParallelLinear(LinearBase):
