@@ -108,7 +108,7 @@ def server(config: Config, log_path: str | None = None) -> Iterator[dict]:
     host = "127.0.0.1" if config.server_name in ("0.0.0.0", "::") else config.server_name
     url = f"http://{host}:{config.server_port}"
     try:
-        wait_healthy(url, procs, timeout=float(os.environ.get("VLMSERVE_START_TIMEOUT", "900")))
+        wait_healthy(url, procs, timeout=config.start_timeout)
         yield {"url": url, "procs": procs, "config": config}
     finally:
         # Frontends first, so nothing new arrives while the engine stops.

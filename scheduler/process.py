@@ -46,7 +46,6 @@ from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 
 STATUS_EVERY_S = 0.5
-STARTUP_TIMEOUT_S = float(os.environ.get("VLMSERVE_WORKER_STARTUP_TIMEOUT", "900"))
 
 log = logging.getLogger("vlmserve.scheduler")
 
@@ -147,7 +146,7 @@ class SchedulerService:
     def wait_for_workers(self) -> int:
         """Block until every rank is ready; return the KV blocks all of them have."""
         ready: dict[int, WorkerReady] = {}
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + self.config.worker_startup_timeout
         while len(ready) < self.config.tp:
             if self.results.poll(100):
                 msg = self.handle_worker(self.worker_codec.decode(self.results.recv()))
@@ -164,7 +163,9 @@ class SchedulerService:
             if self.stopping:
                 raise Stopped("stopped before the workers were ready")
             if time.monotonic() > deadline:
-                raise WorkerLost(f"workers not ready after {STARTUP_TIMEOUT_S:.0f}s")
+                raise WorkerLost(
+                    f"workers not ready after {self.config.worker_startup_timeout:.0f}s"
+                )
         return min(r.num_blocks for r in ready.values())
 
     # ---- frontends ----

@@ -46,11 +46,14 @@ HELP: dict[str, str] = {
     "attention_backend": "attention kernels the workers run over the KV cache: torch (the "
     "plain-torch reference, also the CPU path)",
     "worker_timeout": "seconds without a heartbeat after which a worker counts as dead",
+    "worker_startup_timeout": "seconds the scheduler waits for every worker to load and report "
+    "ready",
     "seed": "seed for requests that bring none",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "server_name": "address the HTTP server binds",
     "server_port": "port the HTTP server binds",
     "frontend_workers": "number of Gunicorn worker processes (frontends)",
+    "start_timeout": "seconds `serve api_server` (and the test launcher) waits for /health",
     "api_keys": "comma-separated API keys; empty means no authentication",
     "max_body_mb": "largest request body the HTTP server accepts, in MiB (413 above)",
     "encoder_cache_mb": "memory for cached vision-encoder outputs per worker, in MiB (0: off)",
@@ -93,11 +96,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     num_kv_blocks: int = 0
     attention_backend: str = "torch"
     worker_timeout: float = 3.0
+    worker_startup_timeout: float = 900.0
     seed: int = 0
     log_level: str = "INFO"
     server_name: str = "0.0.0.0"
     server_port: int = 23333
     frontend_workers: int = 1
+    start_timeout: float = 900.0
     api_keys: str = ""
     max_body_mb: int = 32
     encoder_cache_mb: int = 1024
@@ -139,6 +144,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 "--dtype must be auto, float32, bfloat16 or float16",
             ),
             (self.frontend_workers >= 1, "--frontend-workers must be at least 1"),
+            (self.worker_startup_timeout > 0, "--worker-startup-timeout must be positive"),
+            (self.start_timeout > 0, "--start-timeout must be positive"),
         ]
         for ok, message in checks:
             if not ok:
