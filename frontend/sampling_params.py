@@ -6,9 +6,17 @@ that decides which token comes next travels to the workers in SamplingParams.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from vlmserve.frontend.errors import bad_request
 from vlmserve.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from vlmserve.shared.messages import SamplingParams
+
+
+class TextEncoder(Protocol):
+    """The part of a Hugging Face tokenizer used here."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
 
 def stop_strings(req: SamplingFields) -> list[str]:
@@ -17,13 +25,34 @@ def stop_strings(req: SamplingFields) -> list[str]:
     return [s for s in stop if s]
 
 
+def bad_words_token_ids(words: list[str], tokenizer: TextEncoder) -> list[list[int]]:
+    """The token sequences of `bad_words`, tokenized as vLLM does.
+
+    Each word (leading spaces stripped) alone, and also after a space when that spells it
+    with another first token in as many tokens: most vocabularies have a word at the start
+    of a text and the same word after a space as different tokens. Blank words ban nothing.
+    """
+    sequences = []
+    for word in (w.lstrip() for w in words):
+        plain = tokenizer.encode(word, add_special_tokens=False) if word else []
+        if not plain:
+            continue
+        sequences.append(plain)
+        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(spaced) == len(plain) and spaced[0] != plain[0]:
+            sequences.append(spaced)
+    return sequences
+
+
 def to_sampling_params(
-    req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int
+    req: ChatCompletionRequest | CompletionRequest,
+    default_max_tokens: int,
+    tokenizer: TextEncoder,
 ) -> SamplingParams:
     """The engine's SamplingParams for a request.
 
     `default_max_tokens` is used when the request names no limit: what fits in the session
-    after the prompt.
+    after the prompt. `tokenizer` turns `bad_words` into the token ids the workers ban.
     """
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -54,4 +83,5 @@ def to_sampling_params(
         ignore_eos=req.ignore_eos,
         stop_token_ids=list(req.stop_token_ids or []),
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        bad_words_token_ids=bad_words_token_ids(req.bad_words or [], tokenizer),
     )

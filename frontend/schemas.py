@@ -102,6 +102,10 @@ class SamplingFields(msgspec.Struct, kw_only=True):
         NonNegativeInt | None, Meta(description="LMDeploy's name for min_tokens")
     ] = None
     stop_token_ids: list[NonNegativeInt] | None = None
+    bad_words: Annotated[
+        list[str] | None,
+        Meta(description="vLLM's: words the output must not contain (as whole token sequences)"),
+    ] = None
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:

@@ -36,6 +36,8 @@ class SamplingParams(msgspec.Struct, frozen=True, **HOT):
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
     logit_bias: dict[int, float] = {}
+    # vLLM's `bad_words`, each tokenized by the frontend; see workers/logits_processors.py.
+    bad_words_token_ids: list[list[int]] = []
 
 
 class ArrayMeta(msgspec.Struct, frozen=True, **HOT):

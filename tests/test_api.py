@@ -14,10 +14,13 @@ import os
 import httpx
 import openai
 import pytest
+import torch
+import transformers
 from openapi_spec_validator import validate
 from server_fixtures import ChatReference, local_config, metrics, wait_for
 
 from vlmserve.deploy.launcher import server
+from vlmserve.frontend.sampling_params import bad_words_token_ids
 
 API_KEY = "sk-test-key"
 SESSION_LEN = 512
@@ -175,6 +178,34 @@ def test_stop_string_cuts_exactly(client: openai.OpenAI, srv: dict) -> None:
         **kwargs, stop=[stop], extra_body={"include_stop_str_in_output": True}
     )
     assert kept.choices[0].message.content == cut + stop
+
+
+def test_bad_words_match_transformers(client: openai.OpenAI, srv: dict, ref: ChatReference) -> None:
+    prompt_ids = ref.prompt_ids(HELLO)
+    [free] = ref.greedy([prompt_ids], 16)
+    # A word the free answer has as one token (alone and after a space): transformers bans
+    # one-token words the way vLLM does, whatever the prompt.
+    for token in free:
+        word = ref.tokenizer.decode([token]).strip()
+        banned = bad_words_token_ids([word], ref.tokenizer)
+        if banned and all(len(ids) == 1 for ids in banned) and [token] in banned:
+            break
+    else:
+        raise AssertionError(f"no one-token word in {free}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref.model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt_ids])
+    gen = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+        bad_words_ids=banned,
+    )  # fmt: skip
+    expected = ref.text(gen[0, len(prompt_ids) :].tolist())
+    assert expected != ref.text(free)
+    kwargs = dict(model=model_name(srv), max_tokens=16, temperature=0)
+    body = {"bad_words": [word]}
+    chat = client.chat.completions.create(messages=HELLO, **kwargs, extra_body=body)
+    assert chat.choices[0].message.content == expected
+    streamed = client.completions.create(prompt=prompt_ids, stream=True, **kwargs, extra_body=body)
+    assert "".join(c.choices[0].text for c in streamed) == expected
 
 
 def test_length_finish_and_logprob_shapes(client: openai.OpenAI, srv: dict) -> None:

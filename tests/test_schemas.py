@@ -10,9 +10,29 @@ import pytest
 
 from vlmserve.frontend import schemas as s
 from vlmserve.frontend.errors import APIError, model_not_found, register_error_handlers
-from vlmserve.frontend.sampling_params import stop_strings, to_sampling_params
+from vlmserve.frontend.sampling_params import bad_words_token_ids, stop_strings, to_sampling_params
 from vlmserve.frontend.validation import completion_prompts, decode_request
 from vlmserve.shared.messages import SamplingParams
+
+
+class WordTokenizer:
+    """One token per character, except that a character after a space is another token (as a
+    word after a space is in sentencepiece vocabularies); or, with `space_token`, the space is
+    a token of its own."""
+
+    def __init__(self, space_token: bool = False) -> None:
+        self.space_token = space_token
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert not add_special_tokens, "bad words are tokenized without a BOS"
+        if self.space_token:
+            return [ord(c) for c in text]
+        return [
+            ord(c) + 1000 * (i > 0 and text[i - 1] == " ") for i, c in enumerate(text) if c != " "
+        ]
+
+
+TOKENIZER = WordTokenizer()
 
 
 def chat_body(**fields) -> bytes:
@@ -163,7 +183,7 @@ def test_encode_and_detokenize_requests() -> None:
 
 def test_sampling_defaults() -> None:
     req = decode_request(chat_body(), s.ChatCompletionRequest)
-    assert to_sampling_params(req, default_max_tokens=321) == SamplingParams(max_tokens=321)
+    assert to_sampling_params(req, 321, TOKENIZER) == SamplingParams(max_tokens=321)
 
 
 def test_chat_sampling_mapping() -> None:
@@ -186,10 +206,11 @@ def test_chat_sampling_mapping() -> None:
             ignore_eos=True,
             stop_token_ids=[9],
             logit_bias={"5": -100},
+            bad_words=["ab"],
         ),
         s.ChatCompletionRequest,
     )
-    assert to_sampling_params(req, default_max_tokens=100) == SamplingParams(
+    assert to_sampling_params(req, 100, TOKENIZER) == SamplingParams(
         max_tokens=20,  # max_completion_tokens wins
         temperature=0.0,
         top_p=0.5,
@@ -204,26 +225,42 @@ def test_chat_sampling_mapping() -> None:
         ignore_eos=True,
         stop_token_ids=[9],
         logit_bias={5: -100.0},
+        bad_words_token_ids=[[97, 98], [1097, 98]],
     )
 
 
 def test_chat_logprobs_without_top_is_zero_alternatives() -> None:
     req = decode_request(chat_body(logprobs=True), s.ChatCompletionRequest)
-    assert to_sampling_params(req, 16).logprobs == 0
+    assert to_sampling_params(req, 16, TOKENIZER).logprobs == 0
     req = decode_request(chat_body(logprobs=False), s.ChatCompletionRequest)
-    assert to_sampling_params(req, 16).logprobs is None
+    assert to_sampling_params(req, 16, TOKENIZER).logprobs is None
 
 
 def test_completion_sampling_mapping() -> None:
     body = b'{"prompt": "x", "max_tokens": 5, "logprobs": 2, "min_new_tokens": 1, "top_k": 40}'
-    params = to_sampling_params(decode_request(body, s.CompletionRequest), 100)
+    params = to_sampling_params(decode_request(body, s.CompletionRequest), 100, TOKENIZER)
     assert (params.max_tokens, params.logprobs, params.min_tokens, params.top_k) == (5, 2, 1, 40)
+
+
+def test_bad_words_are_tokenized_alone_and_after_a_space_as_vllm_does() -> None:
+    # After a space the word starts with another token in as many tokens: both are banned.
+    assert bad_words_token_ids(["ab", "  c d", " ", ""], TOKENIZER) == [
+        [97, 98], [1097, 98], [99, 1100], [1099, 1100],
+    ]  # fmt: skip
+    # A space that is a token of its own adds a token: only the word itself is banned.
+    assert bad_words_token_ids(["ab"], WordTokenizer(space_token=True)) == [[97, 98]]
+    body = b'{"prompt": "x", "bad_words": ["q"]}'
+    params = to_sampling_params(decode_request(body, s.CompletionRequest), 5, TOKENIZER)
+    assert params.bad_words_token_ids == [[113], [1113]]
+    assert decode_error(b'{"prompt": "x", "bad_words": "q"}', s.CompletionRequest).param == (
+        "bad_words"
+    )
 
 
 def test_min_tokens_over_max_tokens_is_400() -> None:
     req = decode_request(chat_body(max_tokens=3, min_tokens=4), s.ChatCompletionRequest)
     with pytest.raises(APIError) as info:
-        to_sampling_params(req, 100)
+        to_sampling_params(req, 100, TOKENIZER)
     assert info.value.param == "min_tokens"
 
 

@@ -15,6 +15,7 @@ from vlmserve.shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, 
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import step_context
 from vlmserve.workers.attention.metadata import AttentionMetadata, build_metadata
+from vlmserve.workers.logits_processors import LogitsProcessor, ProcessorRow, processors_for
 from vlmserve.workers.multimodal import ImageInputs, SeqImage, SeqPositions
 from vlmserve.workers.sampler import SamplingInput, sample
 
@@ -28,6 +29,7 @@ class SeqState:
     block_table: list[int] = field(default_factory=list)
     images: list[SeqImage] = field(default_factory=list)
     mrope: SeqPositions | None = None  # Qwen2-VL's multimodal positions
+    processors: list[LogitsProcessor] = field(default_factory=list)  # rank 0's only
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,11 @@ class ModelRunner:
             state.token_ids.extend(step.new_token_ids)
             state.block_table.extend(step.new_block_ids)
 
-    @staticmethod
-    def _new_state(new: NewSeq) -> SeqState:
-        return SeqState(list(new.token_ids), new.prompt_len, new.sampling, new.seed)
+    def _new_state(self, new: NewSeq) -> SeqState:
+        state = SeqState(list(new.token_ids), new.prompt_len, new.sampling, new.seed)
+        if self.samples:  # made anew for a resumed sequence: they catch up from its tokens
+            state.processors = processors_for(new.sampling)
+        return state
 
     def build_batch(self, steps: list[SeqStep]) -> Batch:
         """Flatten the step's sequences, decodes (one new token each) first."""
@@ -129,6 +133,11 @@ class ModelRunner:
             output_ids=[s.token_ids[s.prompt_len :] for s in states],
             eos_token_ids=self.eos_token_ids,
             device=self.device,
+            processors=[
+                ProcessorRow(row, processor, s.token_ids, s.prompt_len)
+                for row, s in enumerate(states)
+                for processor in s.processors
+            ],
         )
 
     @torch.inference_mode()

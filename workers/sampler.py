@@ -1,8 +1,9 @@
 """Turn one step's logits into next tokens (and logprobs), vectorised over the batch.
 
 The order follows vLLM v1: logprobs from the raw logits; then logit_bias, the repetition,
-presence and frequency penalties and the min_tokens mask; then either the argmax (greedy rows)
-or temperature, top-k, top-p and min-p (HF's warper order) and a seeded draw.
+presence and frequency penalties and the min_tokens mask; then the sequences' own logits
+processors (workers/logits_processors.py: bans, grammar masks); then either the argmax (greedy
+rows) or temperature, top-k, top-p and min-p (HF's warper order) and a seeded draw.
 
 The draw is an exponential race, `argmax(probs / q)` with `q ~ Exp(1)` per token, which picks
 token i with probability probs[i]. Each sampled row fills its own `q` from a generator seeded by
@@ -12,11 +13,13 @@ in whatever order, and after it is recomputed following preemption.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vlmserve.shared.messages import SamplingParams, TokenLogprob
+from vlmserve.workers.logits_processors import ProcessorRow, apply_processors
 
 GREEDY_TEMPERATURE = 1e-5  # below this a row takes the argmax
 _MASK64 = (1 << 64) - 1
@@ -65,6 +68,8 @@ class SamplingInput:
     # Rows that asked for logprobs, and how many top candidates each wants.
     logprob_rows: list[int]
     num_top_logprobs: list[int]
+    # The rows' logits processors; empty (and free) in a batch that has none.
+    processors: tuple[ProcessorRow, ...] = ()
 
     @classmethod
     def build(
@@ -76,6 +81,7 @@ class SamplingInput:
         output_ids: list[list[int]],
         eos_token_ids: list[int],
         device: torch.device | str = "cpu",
+        processors: Sequence[ProcessorRow] = (),
     ) -> SamplingInput:
         """Gather the batch's sampling settings into device tensors.
 
@@ -83,7 +89,7 @@ class SamplingInput:
         is how many tokens row i has generated (the draw's position, and what min_tokens
         compares with). `prompt_ids` feed only repetition_penalty; `output_ids` feed all three
         penalties. While a row is under min_tokens, `eos_token_ids` (even with ignore_eos) and
-        its stop_token_ids cannot be sampled.
+        its stop_token_ids cannot be sampled. `processors` name their rows.
         """
         n = len(params)
         assert n == len(seeds) == len(output_counts) == len(prompt_ids) == len(output_ids)
@@ -158,6 +164,7 @@ class SamplingInput:
             banned=sparse(ban_rows, ban_ids) if ban_ids else None,
             logprob_rows=logprob_rows,
             num_top_logprobs=[params[i].logprobs for i in logprob_rows],
+            processors=tuple(processors),
         )
 
 
@@ -258,6 +265,8 @@ def sample(
         logprobs = torch.log_softmax(logits.index_select(0, rows), dim=-1)  # [num_lp, vocab]
 
     logits = process_logits(logits, inp)
+    if inp.processors:
+        logits = apply_processors(logits, inp.processors)
     num_sampled = len(inp.draw_seeds)
     if num_sampled and num_sampled == inp.num_seqs:
         tokens = _draw(logits, inp)

@@ -96,11 +96,11 @@ class ChatCompletionsResource:
         )
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
-        sampling = to_sampling_params(body, default_max_tokens=room)
+        tokenizer = state.prompter.tokenizer
+        sampling = to_sampling_params(body, default_max_tokens=room, tokenizer=tokenizer)
         if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         prompt = EnginePrompt.with_images(prompt_ids, processed)
-        tokenizer = state.prompter.tokenizer
         options = TextOptions.of(body)
         deltas = generate_choices(state.scheduler, tokenizer, [prompt], sampling, body.n, options)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -72,12 +72,12 @@ class CompletionsResource:
         if any(t < 0 or t >= vocab for p in prompts for t in p):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         rooms = [state.prompter.check_length(len(p), body.max_tokens) for p in prompts]
-        sampling = to_sampling_params(body, default_max_tokens=min(rooms))
+        tokenizer = state.prompter.tokenizer
+        sampling = to_sampling_params(body, default_max_tokens=min(rooms), tokenizer=tokenizer)
         if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         text = TextOptions.of(body)
         engine_prompts = [EnginePrompt(p) for p in prompts]
-        tokenizer = state.prompter.tokenizer
         deltas = generate_choices(
             state.scheduler, tokenizer, engine_prompts, sampling, body.n, text
         )
