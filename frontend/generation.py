@@ -1,14 +1,15 @@
-"""Runs the `n` choices of one prompt on the engine and turns their tokens into text deltas.
+"""Runs the `n` choices of one prompt on the engine and turns their tokens into answer deltas.
 
-Shared by chat and text completions, streamed or not: both consume the same
-`ChoiceDelta`s, so a streamed answer joins to exactly the non-streamed one.
+Shared by chat and text completions, streamed or not: each choice's tokens go through its
+output pipeline (frontend/output.py) into the same `ChoiceDelta`s, so a streamed answer joins
+to exactly the non-streamed one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -16,6 +17,13 @@ import msgspec
 
 from vlmserve.frontend.detokenizer import TextStream, Tokenizer
 from vlmserve.frontend.errors import APIError, bad_request, service_unavailable
+from vlmserve.frontend.output import (
+    ChoiceOutput,
+    OutputDelta,
+    OutputParser,
+    OutputPipeline,
+    PlainText,
+)
 from vlmserve.frontend.prompts import ProcessedImage
 from vlmserve.frontend.sampling_params import stop_strings
 from vlmserve.frontend.scheduler_client import SchedulerClient
@@ -65,13 +73,13 @@ class TextOptions:
 
 @dataclass
 class ChoiceDelta:
-    """What one choice got from one engine output: new tokens and the text they add."""
+    """What one choice got from one engine output: new tokens and what they add to the answer."""
 
     index: int
-    text: str
+    output: OutputDelta
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None
-    finish_reason: str | None = None  # "stop" or "length" on a choice's last delta
+    finish_reason: str | None = None  # "stop", "length" (or a parser's) on a choice's last delta
     num_cached_tokens: int = 0
 
 
@@ -79,7 +87,7 @@ class ChoiceDelta:
 class Choice:
     """One choice, whole: what a non-streamed answer reports."""
 
-    text: str = ""
+    output: ChoiceOutput = field(default_factory=ChoiceOutput)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -95,7 +103,7 @@ async def collect_choices(
     async with aclosing(deltas) as events:
         async for d in events:
             choice = choices[d.index]
-            choice.text += d.text
+            choice.output.add(d.output)
             choice.token_ids.extend(d.token_ids)
             choice.logprobs.extend(d.logprobs or [])
             choice.finish_reason = d.finish_reason
@@ -120,7 +128,7 @@ async def _run_choice(
     index: int,
     prompt: EnginePrompt,
     sampling: SamplingParams,
-    stream: TextStream,
+    pipeline: OutputPipeline,
     out: asyncio.Queue,
     prefilled: asyncio.Event,
     after: asyncio.Event | None,
@@ -140,12 +148,9 @@ async def _run_choice(
                 if output.rejected:
                     raise bad_request(output.error or "the engine refused the request")
                 raise EngineError(output.error or "the engine failed this request")
-            text = stream.add(output.token_ids)
-            finish = "stop" if stream.stopped else output.finish_reason
-            if finish is not None and not stream.stopped:
-                text += stream.finish()
+            answer, finish = pipeline.add(output.token_ids, output.finish_reason)
             delta = ChoiceDelta(
-                index, text, output.token_ids, output.logprobs, finish, output.num_cached_tokens
+                index, answer, output.token_ids, output.logprobs, finish, output.num_cached_tokens
             )
             await out.put(delta)
             if finish is not None:
@@ -159,9 +164,11 @@ async def generate_choices(
     sampling: SamplingParams,
     n: int,
     text: TextOptions,
+    parser: Callable[[], OutputParser] = PlainText,
 ) -> AsyncIterator[ChoiceDelta]:
     """Deltas of `n` choices of each prompt, as they come; choice j of prompt p has index
-    p * n + j. Closing the iterator early (a client disconnects) aborts them all."""
+    p * n + j. Each choice's text goes through its own `parser()`. Closing the iterator early
+    (a client disconnects) aborts them all."""
     if not scheduler.alive:
         raise service_unavailable("the engine is not running")
     queue: asyncio.Queue = asyncio.Queue()
@@ -179,9 +186,10 @@ async def generate_choices(
                 text.spaces_between_special_tokens,
             )
             index = p * n + j
+            pipeline = OutputPipeline(stream, parser())
             job = _run_choice(
                 scheduler, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
-                stream, queue, first_prefilled if j == 0 else asyncio.Event(),
+                pipeline, queue, first_prefilled if j == 0 else asyncio.Event(),
                 None if j == 0 else first_prefilled,
             )  # fmt: skip
             tasks.append(asyncio.create_task(job))

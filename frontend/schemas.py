@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from vlmserve.frontend import validation
 
@@ -33,6 +33,7 @@ TopLogprobsCount = Annotated[int, Meta(ge=0, le=20)]
 LogitBias = dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 # ---- chat messages ---------------------------------------------------------------------------
 
@@ -180,16 +181,32 @@ def make_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     )
 
 
+class ChatFunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: Annotated[str, Meta(description="the call's arguments as a JSON object")]
+
+
+class ChatToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: ChatFunctionCall
+
+
 class AssistantMessage(msgspec.Struct, kw_only=True):
+    """The answer. `reasoning_content` and `tool_calls` are there only when the server's
+    output parsers found reasoning or tool calls in it."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | UnsetType = UNSET
+    tool_calls: list[ChatToolCall] | UnsetType = UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -201,18 +218,36 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     usage: Usage
 
 
+class ChatFunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChatToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A piece of tool call `index`: the first has its `id`, `type` and function `name`; the
+    rest carry more of its `arguments`."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChatFunctionCallDelta | None = None
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What a chunk adds: `role` on a choice's first chunk, `content` when there is text."""
+    """What a chunk adds: `role` on a choice's first chunk, `content` when there is text,
+    `reasoning_content` and `tool_calls` when the server's output parsers find them."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ChatToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):

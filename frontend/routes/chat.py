@@ -20,6 +20,7 @@ from vlmserve.frontend.generation import (
     generate_choices,
 )
 from vlmserve.frontend.media_fetch import load_images
+from vlmserve.frontend.output import ChoiceOutput, OutputDelta
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
     AssistantMessage,
@@ -29,9 +30,13 @@ from vlmserve.frontend.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatFunctionCall,
+    ChatFunctionCallDelta,
     ChatLogprobs,
     ChatMessage,
     ChatTokenLogprob,
+    ChatToolCall,
+    ChatToolCallDelta,
     ImagePart,
     TopLogprob,
     make_usage,
@@ -60,6 +65,37 @@ def chat_logprobs(
             )
             for token, lp in zip(token_ids, lps, strict=True)
         ]
+    )
+
+
+def assistant_message(output: ChoiceOutput) -> AssistantMessage:
+    """A whole choice's answer; reasoning and tool calls only when the parser found some."""
+    message = AssistantMessage(content=output.content)
+    if output.reasoning_content:
+        message.reasoning_content = output.reasoning_content
+    if output.tool_calls:
+        message.tool_calls = [
+            ChatToolCall(id=c.id, function=ChatFunctionCall(name=c.name, arguments=c.arguments))
+            for c in output.tool_calls
+        ]
+    return message
+
+
+def chat_delta(output: OutputDelta) -> ChatDelta:
+    """What a chunk adds; fields without news are left out, as OpenAI's chunks do."""
+    calls = [
+        ChatToolCallDelta(
+            index=c.index,
+            id=c.id,
+            type="function" if c.id else None,
+            function=ChatFunctionCallDelta(name=c.name, arguments=c.arguments or None),
+        )
+        for c in output.tool_calls
+    ]
+    return ChatDelta(
+        content=output.content or None,
+        reasoning_content=output.reasoning_content or None,
+        tool_calls=calls or None,
     )
 
 
@@ -123,7 +159,7 @@ class ChatCompletionsResource:
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=c.text),
+                message=assistant_message(c.output),
                 logprobs=chat_logprobs(self.state, c.token_ids, c.logprobs)
                 if body.logprobs
                 else None,
@@ -166,19 +202,18 @@ class ChatCompletionsResource:
                 async for d in events:
                     completion += len(d.token_ids)
                     cached = max(cached, d.num_cached_tokens)
-                    if not d.text and d.finish_reason is None and not body.logprobs:
+                    if not d.output and d.finish_reason is None and not body.logprobs:
                         continue
                     lps = (
                         chat_logprobs(self.state, d.token_ids, d.logprobs or [])
                         if body.logprobs
                         else None
                     )
-                    delta = ChatDelta(content=d.text) if d.text else ChatDelta()
                     yield chunk(
                         [
                             ChatChunkChoice(
                                 index=d.index,
-                                delta=delta,
+                                delta=chat_delta(d.output),
                                 logprobs=lps,
                                 finish_reason=d.finish_reason,
                             )

@@ -111,7 +111,7 @@ class CompletionsResource:
             if body.logprobs is not None:
                 lps = completion_logprobs(self.state, c.token_ids, c.logprobs, len(echo))
             choice = CompletionChoice(
-                text=echo + c.text, index=i, logprobs=lps, finish_reason=c.finish_reason
+                text=echo + c.output.content, index=i, logprobs=lps, finish_reason=c.finish_reason
             )
             reply.choices.append(choice)
         reply.usage = make_usage(prompt_tokens, sum(len(c.token_ids) for c in joined), cached)
@@ -134,7 +134,10 @@ class CompletionsResource:
                 async for d in events:
                     completion += len(d.token_ids)
                     cached = max(cached, d.num_cached_tokens)
-                    text = d.text if echoed[d.index] else echoes[d.index // body.n] + d.text
+                    # Completions have no reasoning or tool calls: their parser is plain text.
+                    text = d.output.content
+                    if not echoed[d.index]:
+                        text = echoes[d.index // body.n] + text
                     echoed[d.index] = True
                     lps = None
                     if body.logprobs is not None:
