@@ -35,12 +35,25 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def process_config(args: argparse.Namespace) -> Config:
-    """The Config of one process, its model resolved like `serve api_server`'s: a local
-    directory, or a hub id fetched (or found in the hub cache) by huggingface_hub."""
+def servable_model(model: str) -> str:
+    """`model` resolved like `serve api_server`'s (a local directory, or a hub id fetched or
+    found in the hub cache by huggingface_hub); exit with one line naming the problem when it
+    is no checkpoint we serve (an unsupported architecture lists the supported ones)."""
     from vlmserve.deploy.launcher import resolve_model
+    from vlmserve.shared.models import checkpoint_spec
 
-    return config_from_args(args, model=resolve_model(args.model) if args.model else "")
+    try:
+        model_dir = resolve_model(model)
+        checkpoint_spec(model_dir)
+    except (OSError, ValueError) as exc:
+        print(f"vlmserve: error: {model}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return model_dir
+
+
+def process_config(args: argparse.Namespace) -> Config:
+    """The Config of one process, its model checked and resolved by `servable_model`."""
+    return config_from_args(args, model=servable_model(args.model) if args.model else "")
 
 
 def run_scheduler(argv: list[str]) -> int:
@@ -74,7 +87,7 @@ def run_serve(argv: list[str]) -> int:
         from vlmserve.frontend.chat_cli import main as chat_main
 
         return chat_main(argv[1:])
-    from vlmserve.deploy.launcher import resolve_model, server
+    from vlmserve.deploy.launcher import server
 
     if not argv or argv[0] != "api_server":
         print(
@@ -91,7 +104,7 @@ def run_serve(argv: list[str]) -> int:
     add_config_flags(parser, skip=("model", "rank"))
     args = parser.parse_args(argv[1:])
     log = setup_logging("launcher", args.log_level)
-    model = resolve_model(args.model)
+    model = servable_model(args.model)
     config = config_from_args(args, model=model, run_id=args.run_id or new_run_id())
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))

@@ -201,8 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="llama", choices=[*ARCHES, *VISION_ARCHES])
     parser.add_argument("--size", default="tiny", choices=list(SIZES), help="text models only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--from-config",
+        metavar="DIR",
+        help="a real checkpoint's published config files: keep every field, shrink the sizes",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
+    if args.from_config:
+        from vlmserve.workers.demo_real import build_from_config
+
+        build_from_config(args.from_config, args.dir, seed=args.seed)
+        print(f"wrote a random-weight checkpoint shaped like {args.from_config} to {args.dir}")
+        return
     if args.arch in VISION_ARCHES:
         build_vision_checkpoint(args.dir, args.arch, seed=args.seed)
     else:

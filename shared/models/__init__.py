@@ -16,6 +16,7 @@ __all__ = [
     "ModelInfo",
     "ModelSpec",
     "UnsupportedArchitecture",
+    "UnsupportedCheckpoint",
     "checkpoint_spec",
     "read_model_info",
     "session_len",
@@ -44,12 +45,23 @@ def spec_for(architecture: str) -> ModelSpec:
     return _BY_ARCHITECTURE[architecture]
 
 
+class UnsupportedCheckpoint(ValueError):
+    pass
+
+
 def checkpoint_spec(model_dir: str) -> ModelSpec:
     """The spec of the checkpoint in `model_dir`, by its config.json's `architectures`."""
     config = read_json(os.path.join(model_dir, "config.json"))
     if not config:
         raise FileNotFoundError(f"no config.json in {model_dir!r}")
-    return spec_for((config.get("architectures") or ["unknown"])[0])
+    spec = spec_for((config.get("architectures") or ["unknown"])[0])
+    quantization = config.get("quantization_config")
+    if quantization:  # its weights are packed integers our layers cannot load
+        method = quantization.get("quant_method", "unknown")
+        raise UnsupportedCheckpoint(
+            f"quantized checkpoints ({method}) are not supported yet; serve the unquantized model"
+        )
+    return spec
 
 
 def read_model_info(model_dir: str) -> ModelInfo:
