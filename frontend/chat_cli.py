@@ -138,6 +138,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", help="model id (default: the first in /v1/models)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="answer up to --max-tokens, past end-of-text"
+    )
     return parser.parse_args(argv)
 
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             k: v
             for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
             if v is not None
-        }
+        } | ({"ignore_eos": True} if args.ignore_eos else {})
         session = ChatSession(client, model, params)
         print(f"connected to {args.url}, model {model}\n{HELP}")
         while True:

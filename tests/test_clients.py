@@ -349,8 +349,10 @@ def test_terminal_chat_streams_keeps_history_resets_and_exits(
 
 
 def test_terminal_chat_ctrl_c_stops_an_answer_and_ctrl_d_quits(srv: dict) -> None:
+    # An answer that cannot end before Ctrl-C reaches it, however fast the machine: 1500
+    # tokens past any end-of-text (a greedy answer once reached eos first and hung the test).
     chat = spawn_chat(srv["url"], "--api-key", API_KEY, "--max-tokens", "1500",
-                      "--temperature", "0")  # fmt: skip
+                      "--temperature", "0", "--ignore-eos")  # fmt: skip
     try:
         chat.expect_exact("you> ")
         chat.sendline("Tell me a long story")
