@@ -21,8 +21,9 @@ from vlmserve.frontend.detokenizer import TextStream
 
 @dataclass
 class ToolCallDelta:
-    """A piece of tool call `index` of a choice: its first piece names it (`id`, `name`);
-    later ones carry more of its JSON `arguments`, as OpenAI streams them."""
+    """A piece of tool call `index` of a choice (calls count from 0, in order): its first piece
+    names it (`id`, `name`); later ones carry more of its JSON `arguments`, as OpenAI streams
+    them."""
 
     index: int
     id: str | None = None

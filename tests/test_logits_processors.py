@@ -52,8 +52,8 @@ def test_bad_words_match_transformers_on_generated_tokens() -> None:
         )
 
 
-def test_bad_words_ignore_the_prompt_and_ids_past_the_vocab() -> None:
-    bad = BadWords([[3, 4], [7], [5, VOCAB + 2], [VOCAB + 1]])
+def test_bad_words_ignore_the_prompt_and_ids_outside_the_vocab() -> None:
+    bad = BadWords([[3, 4], [7], [5, VOCAB + 2], [VOCAB + 1], [-1]])
     # Nothing generated yet: the prompt ends with 3 and 5, yet only the one-token word counts.
     assert banned_by(bad, [1, 3], 2) == {7}
     assert banned_by(bad, [1, 3, 3], 2) == {4, 7}

@@ -80,7 +80,7 @@ class BadWords(LogitsProcessor):
         for length, prefixes in self._endings.items():
             if length <= generated:
                 banned += prefixes.get(tuple(token_ids[len(token_ids) - length :]), [])
-        banned = [token for token in banned if token < logits.shape[-1]]
+        banned = [token for token in banned if 0 <= token < logits.shape[-1]]
         if banned:
             logits[torch.tensor(banned, device=logits.device)] = float("-inf")
 
