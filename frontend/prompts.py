@@ -88,6 +88,9 @@ class Prompter:
         except ValueError as exc:  # placeholders and images that do not pair up
             message = f"could not place the images in the prompt: {exc}"
             raise bad_request(message, "messages") from exc
+        except Exception as exc:  # the model's processor refused this request's images
+            message = f"the model's image processor could not take the images: {exc}"
+            raise bad_request(message, "messages") from exc
         return ids, [
             ProcessedImage(p.offset, p.length, image_hash(img), p.arrays)
             for p, img in zip(placed, images, strict=True)

@@ -317,10 +317,14 @@ class Scheduler:
         if result.step_id != self._in_flight_step:
             raise ValueError(f"result for step {result.step_id}, in flight: {self._in_flight_step}")
         sampled: dict[int, Request] = {}
+        outputs: dict[str, list[RequestOutput]] = {}
         for s in self._in_flight:
             if s.request.seq_id != s.seq_id:
                 continue  # aborted, finished or preempted since
             req = s.request
+            if s.seq_id in result.failed:  # its KV was never computed: register nothing
+                self._fail_one(req, result.failed[s.seq_id], outputs)
+                continue
             req.num_hashed_blocks = self.block_manager.register_full_blocks(
                 req.block_table,
                 req.token_ids,
@@ -333,7 +337,6 @@ class Scheduler:
         self._in_flight = []
         self._in_flight_step = None
 
-        outputs: dict[str, list[RequestOutput]] = {}
         for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.token_ids, strict=True)):
             req = sampled.get(seq_id)
             if req is None:
@@ -367,6 +370,15 @@ class Scheduler:
         ):
             return LENGTH
         return None
+
+    def _fail_one(
+        self, req: Request, error: str, outputs: dict[str, list[RequestOutput]]
+    ) -> None:
+        """End a running request whose own input the workers refused (a 400, not a 503)."""
+        out = RequestOutput(req.request_id, [], finish_reason=ERROR, error=error, rejected=True)
+        outputs.setdefault(req.frontend_id, []).append(out)
+        self.running.remove(req)
+        self._finish(req)
 
     def fail_all(self, error: str) -> dict[str, list[RequestOutput]]:
         """End every waiting and running request with ERROR and `error` (workers are gone)."""

@@ -206,6 +206,9 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     seq_ids: list[int]
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None = None  # aligned with seq_ids when any asked
+    # Sequences left out of the step because their own input failed (an image the vision
+    # tower could not encode), with the reason: they end alone, the others go on.
+    failed: dict[int, str] = {}
 
 
 class WorkerFailed(msgspec.Struct, tag=True, **HOT):

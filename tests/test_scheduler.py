@@ -326,3 +326,31 @@ def test_result_for_another_step_is_rejected():
     plan = sched.schedule()
     with pytest.raises(ValueError, match="step"):
         sched.update(StepResult(plan.step_id + 1, [0], [7]))
+
+
+def test_a_sequence_the_workers_failed_ends_alone_and_caches_nothing():
+    """A worker could not take one sequence's input (its image): that request ends with a
+    rejection (a 400), its blocks are free and none of them enters the prefix cache; the others
+    of the step get their tokens."""
+    sched = make(num_blocks=8)
+    prompt = list(range(10, 18))  # two full blocks
+    sched.add(submit("bad", prompt))
+    sched.add(submit("good", [1, 3]))
+    plan = sched.schedule()
+    bad_seq = next(n.seq_id for n in plan.new_seqs if n.token_ids == prompt)
+    ok = result(plan)
+    outs = sched.update(
+        StepResult(plan.step_id, [i for i in ok.seq_ids if i != bad_seq],
+                   [t for i, t in zip(ok.seq_ids, ok.token_ids, strict=True) if i != bad_seq],
+                   failed={bad_seq: "cannot encode"})
+    )  # fmt: skip
+    [failed] = outputs_of(outs, "bad")
+    assert (failed.finish_reason, failed.error, failed.rejected) == (ERROR, "cannot encode", True)
+    assert outputs_of(outs, "good") == [RequestOutput("good", [7])]
+    assert sched.num_running == 1 and sched.num_free_blocks == 7
+    sched.add(submit("again", prompt))
+    plan = sched.schedule()
+    assert plan.freed_seq_ids == [bad_seq]
+    [again] = [n for n in plan.new_seqs if n.token_ids == prompt]
+    step_of = {s.seq_id: s for s in plan.seqs}
+    assert step_of[again.seq_id].start == 0, "the failed prefill's blocks must not be reused"

@@ -65,19 +65,27 @@ class ModelRunner:
         if hasattr(model, "vision"):
             self.images = ImageInputs(model, device, encoder_cache_bytes)
 
-    def update_states(self, plan: StepPlan, frames: list) -> None:
+    def update_states(self, plan: StepPlan, frames: list) -> dict[int, str]:
+        """Apply the plan to the sequence states; return the new sequences that failed (their
+        images could not be used), which are dropped here and left out of the step."""
         for seq_id in plan.freed_seq_ids:
             self.seqs.pop(seq_id, None)
         for new in plan.new_seqs:
             self.seqs[new.seq_id] = self._new_state(new)
+        failed: dict[int, str] = {}
         if self.images is not None and plan.new_seqs:
-            arrived = self.images.arrive(plan.new_seqs, frames)
+            arrived, failed = self.images.arrive(plan.new_seqs, frames)
             for seq_id, (images, mrope) in arrived.items():
                 self.seqs[seq_id].images, self.seqs[seq_id].mrope = images, mrope
+            for seq_id in failed:
+                del self.seqs[seq_id]
         for step in plan.seqs:
+            if step.seq_id in failed:
+                continue
             state = self.seqs[step.seq_id]
             state.token_ids.extend(step.new_token_ids)
             state.block_table.extend(step.new_block_ids)
+        return failed
 
     def _new_state(self, new: NewSeq) -> SeqState:
         state = SeqState(list(new.token_ids), new.prompt_len, new.sampling, new.seed)
@@ -146,17 +154,18 @@ class ModelRunner:
 
         `frames` are the image arrays of the plan's new sequences, in order.
         """
-        self.update_states(plan, frames or [])
-        if not plan.seqs:
-            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
-        batch = self.build_batch(plan.seqs)
+        failed = self.update_states(plan, frames or [])
+        steps = [step for step in plan.seqs if step.seq_id not in failed]
+        if not steps:
+            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[], failed=failed)
+        batch = self.build_batch(steps)
         with step_context(batch.metadata, self.backend):
             if batch.input_embeds is None:
                 hidden = self.model(batch.input_ids, batch.positions)  # [tokens, hidden]
             else:
                 hidden = self.model(batch.input_ids, batch.positions, batch.input_embeds)
         if not batch.sample_seq_ids:
-            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
+            return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[], failed=failed)
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float()  # [seqs, vocab]
         if not self.samples:  # every rank takes part in the logits' all-gather; rank 0 samples
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
@@ -166,4 +175,5 @@ class ModelRunner:
             seq_ids=batch.sample_seq_ids,
             token_ids=token_ids.tolist(),
             logprobs=logprobs,
+            failed=failed,
         )

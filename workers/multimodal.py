@@ -85,36 +85,65 @@ class ImageInputs:
 
     def arrive(
         self, new_seqs: list[NewSeq], frames: list
-    ) -> dict[int, tuple[list[SeqImage], SeqPositions | None]]:
-        """Encode the images of newly arrived sequences that the cache lacks, in one batch."""
+    ) -> tuple[dict[int, tuple[list[SeqImage], SeqPositions | None]], dict[int, str]]:
+        """Encode the images of newly arrived sequences that the cache lacks, in one batch.
+
+        Returns each sequence's images and positions, and the sequences whose images could not
+        be read or encoded, with the reason: one request's bad image fails that request alone.
+        """
         per_seq = _split_frames(new_seqs, frames)
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, dict[str, torch.Tensor]] = {}
+        bad: dict[str, str] = {}  # image hash -> why it cannot be used
         for images in per_seq:
             for meta, image_frames in images:
-                if meta.hash in found or meta.hash in todo:
+                if meta.hash in found or meta.hash in todo or meta.hash in bad:
                     continue
                 cached = self.cache.get(meta.hash)
                 if cached is not None:
                     found[meta.hash] = cached
                     continue
-                arrays = from_frames(meta.arrays, image_frames)
-                todo[meta.hash] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+                try:
+                    arrays = from_frames(meta.arrays, image_frames)
+                    todo[meta.hash] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+                except Exception as exc:  # arrays that do not match their description
+                    bad[meta.hash] = f"{type(exc).__name__}: {exc}"
         if todo:
-            found |= self._encode(todo)
-        return {
-            new.seq_id: (self._seq_images(images, found), self._positions(new, images))
-            for new, images in zip(new_seqs, per_seq, strict=True)
-        }
+            found |= self._encode(todo, bad)
+        ready, failed = {}, {}
+        for new, images in zip(new_seqs, per_seq, strict=True):
+            try:
+                reasons = [bad[meta.hash] for meta, _ in images if meta.hash in bad]
+                if reasons:
+                    raise ValueError(reasons[0])
+                ready[new.seq_id] = (self._seq_images(images, found), self._positions(new, images))
+            except Exception as exc:
+                failed[new.seq_id] = f"the model could not take this request's image: {exc}"
+        return ready, failed
 
-    def _encode(self, todo: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Every image of `todo` through the vision tower in one batch."""
-        names = next(iter(todo.values())).keys()
-        batch = {n: torch.cat([a[n] for a in todo.values()]).to(self.device) for n in names}
-        features = dict(zip(todo, self.model.vision(batch), strict=True))
+    def _encode(
+        self, todo: dict[str, dict[str, torch.Tensor]], bad: dict[str, str]
+    ) -> dict[str, torch.Tensor]:
+        """Every image of `todo` through the vision tower in one batch; if the batch fails,
+        one image at a time, so that only the images that fail are marked `bad`."""
+        try:
+            features = self._encode_batch(todo)
+        except Exception as exc:
+            if len(todo) == 1:
+                bad[next(iter(todo))] = f"{type(exc).__name__}: {exc}"
+                return {}
+            features = {}
+            for key, arrays in todo.items():
+                features |= self._encode({key: arrays}, bad)
+            return features
         for key, value in features.items():
             self.cache.put(key, value)
         return features
+
+    def _encode_batch(self, todo: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        names = next(iter(todo.values())).keys()
+        batch = {n: torch.cat([a[n] for a in todo.values()]).to(self.device) for n in names}
+        return dict(zip(todo, self.model.vision(batch), strict=True))
 
     def _seq_images(
         self, images: list[tuple[ImageMeta, list]], found: dict[str, torch.Tensor]
