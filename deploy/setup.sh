@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv with everything vlmserve needs, on a fresh machine.
 #   bash deploy/setup.sh               # to serve
-#   bash deploy/setup.sh --test-tools  # also what the tests drive: Chromium and systemd (apt)
+#   bash deploy/setup.sh --test-tools  # also what the tests drive: Chromium, systemd and a Java
+#                                      # runtime for openapi-generator (apt)
 # torch comes first and pinned: on a CPU box pip then takes the CPU wheel instead of
 # downloading a multi-GB CUDA build. Set VLMSERVE_TORCH to choose another torch spec.
 set -euo pipefail
@@ -11,6 +12,7 @@ if [[ "${1:-}" == "--test-tools" ]]; then
   command -v chromium >/dev/null || missing+=(chromium)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v curl >/dev/null || missing+=(curl)
+  command -v java >/dev/null || missing+=(default-jre-headless)
   if ((${#missing[@]})); then
     sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
