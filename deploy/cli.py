@@ -51,9 +51,29 @@ def servable_model(model: str) -> str:
     return model_dir
 
 
-def process_config(args: argparse.Namespace) -> Config:
-    """The Config of one process, its model checked and resolved by `servable_model`."""
-    return config_from_args(args, model=servable_model(args.model) if args.model else "")
+def process_config(args: argparse.Namespace, **overrides: object) -> Config:
+    """The Config of one process, its model checked and resolved by `servable_model`. The
+    model is served under the name it was given by (a hub id or a path as typed), as vLLM and
+    LMDeploy list it, unless --model-name says otherwise; the resolved directory is
+    `config.model`, which every process loads."""
+    if not args.model:
+        return config_from_args(args, model="", **overrides)
+    name = args.model_name or args.model
+    return config_from_args(args, model=servable_model(args.model), model_name=name, **overrides)
+
+
+def checked_sampling_defaults(config: Config, log: bool) -> None:
+    """Read the sampling defaults `--generation-config` gives (logged when `log`); exit with
+    one line when the setting or the file is unusable."""
+    from vlmserve.frontend.sampling_defaults import load_sampling_defaults, log_sampling_defaults
+
+    try:
+        (log_sampling_defaults if log else load_sampling_defaults)(
+            config.generation_config, config.model
+        )
+    except (OSError, ValueError) as exc:
+        print(f"vlmserve: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_scheduler(argv: list[str]) -> int:
@@ -75,6 +95,8 @@ def run_frontend(argv: list[str]) -> int:
     args = _config_parser("frontend", "Run the HTTP frontends (Gunicorn).").parse_args(argv)
     config = process_config(args)
     config.address("requests")  # fail now, not in every worker, if the run id is missing
+    setup_logging("frontend", config.log_level)
+    checked_sampling_defaults(config, log=True)  # once per server, not once per worker
     os.environ.update(config_to_env(config))
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:vlmserve.deploy.gunicorn_conf"]
     os.execv(sys.executable, [*gunicorn, "vlmserve.frontend.asgi:app"])
@@ -104,8 +126,8 @@ def run_serve(argv: list[str]) -> int:
     add_config_flags(parser, skip=("model", "rank"))
     args = parser.parse_args(argv[1:])
     log = setup_logging("launcher", args.log_level)
-    model = servable_model(args.model)
-    config = config_from_args(args, model=model, run_id=args.run_id or new_run_id())
+    config = process_config(args, run_id=args.run_id or new_run_id())
+    checked_sampling_defaults(config, log=False)  # before any process starts
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))

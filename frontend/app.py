@@ -25,10 +25,11 @@ from vlmserve.frontend.routes.info import (
 )
 from vlmserve.frontend.routes.tokens import DetokenizeResource, EncodeResource, TokenizeResource
 from vlmserve.frontend.routes.ui import UIResource
+from vlmserve.frontend.sampling_defaults import load_sampling_defaults
 from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.frontend.state import FrontendState
 from vlmserve.shared.config import Config
-from vlmserve.shared.models import read_model_info
+from vlmserve.shared.models import checkpoint_spec, read_model_info
 from vlmserve.shared.models import session_len as model_session_len
 
 log = logging.getLogger("vlmserve.frontend")
@@ -80,6 +81,15 @@ class SchedulerConnection:
         await self.state.http.aclose()
 
 
+def model_vocab_size(model_dir: str) -> int | None:
+    """The width of the model's logits: its config's vocab_size (the embedding's rows, which
+    real checkpoints pad past the tokenizer's length)."""
+    spec = checkpoint_spec(model_dir)
+    raw = spec.raw_config(model_dir)
+    size = spec.text_config(raw).get("vocab_size") or raw.get("vocab_size")
+    return int(size) if size else None
+
+
 def create_app(config: Config) -> falcon.asgi.App:
     info = read_model_info(config.model)
     session_len = model_session_len(config.session_len, info)
@@ -90,8 +100,11 @@ def create_app(config: Config) -> falcon.asgi.App:
         scheduler=SchedulerClient(config),
         token_texts=TokenTexts(prompter.tokenizer),
         http=make_client(),
+        sampling_defaults=load_sampling_defaults(config.generation_config, config.model),
+        vocab_size=model_vocab_size(config.model),
     )
-    app = falcon.asgi.App(middleware=[SchedulerConnection(state), ApiKeyAuth(config.api_keys)])
+    auth = ApiKeyAuth(config.api_keys)
+    app = falcon.asgi.App(middleware=[SchedulerConnection(state), auth])
     register_error_handlers(app)
     app.add_route("/v1/models", ModelsResource(state))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(state))
@@ -101,7 +114,7 @@ def create_app(config: Config) -> falcon.asgi.App:
     app.add_route("/detokenize", DetokenizeResource(state))
     app.add_route("/health", HealthResource(state))
     app.add_route("/metrics", MetricsResource(state))
-    app.add_route("/openapi.json", OpenAPIResource(state))
+    app.add_route("/openapi.json", OpenAPIResource(state, secured=bool(auth.keys)))
     docs = DocsResource()
     app.add_route("/", docs)
     app.add_route("/docs", docs)

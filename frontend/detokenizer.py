@@ -26,7 +26,7 @@ class Tokenizer(Protocol):
     """The part of a Hugging Face tokenizer used here."""
 
     def decode(self, token_ids: list[int], **kwargs: object) -> str: ...
-    def convert_ids_to_tokens(self, ids: int) -> str: ...
+    def convert_ids_to_tokens(self, ids: int) -> str | None: ...
 
 
 def special_token_ids(tokenizer: object) -> set[int]:
@@ -257,6 +257,13 @@ class TokenTexts:
         if token_id in self._added:
             return self._added[token_id].encode()
         piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            # Real checkpoints pad their embedding past the tokenizer (Qwen2: 152,064 rows for
+            # 151,665 tokens), so the model can score, and pick, an id that no token spells.
+            # It has no text: it is reported as "" with no bytes, which is what vLLM reports
+            # (its decode of such an id) and what the answer's text gets from it (decode skips
+            # it), so the logprob tokens still join to the text.
+            return b""
         if self._byte_level and all(c in self._byte_chars for c in piece):
             return bytes(self._byte_chars[c] for c in piece)
         if self._metaspace:

@@ -30,6 +30,10 @@ ERRORS: dict[int, tuple[str, str]] = {
 }
 GENERATE_ERRORS = (400, 401, 404, 413, 503)
 TOKENIZER_ERRORS = (400, 401, 404, 413)
+# Unions that clients should see as one named type (msgspec writes a union inline where used).
+# Unnamed, openapi-generator names a union after the first schema using it (a user message's
+# content parts became `SystemChatMessageContentAnyOfInner`).
+NAMED_UNIONS: dict[str, Any] = {"ChatMessage": s.ChatMessage, "ContentPart": s.ContentPart}
 
 
 class Operation(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,7 +142,9 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def _operation(op: Operation, refs: dict[type, dict], examples: dict[type, dict]) -> dict:
+def _operation(
+    op: Operation, refs: dict[type, dict], examples: dict[type, dict], secured: bool
+) -> dict:
     ok: dict[str, Any] = {"description": "OK"}
     if op.response is not None:
         ok["content"] = _json(refs[op.response])
@@ -154,19 +160,21 @@ def _operation(op: Operation, refs: dict[type, dict], examples: dict[type, dict]
                 ),
             }
         }
+    # Without API keys nothing answers 401.
+    errors = [code for code in op.errors if secured or code != 401]
     operation: dict[str, Any] = {
         "operationId": op.operation_id,
         "summary": op.summary,
         "tags": [op.tag],
         "responses": {"200": ok}
-        | {str(code): {"$ref": f"#/components/responses/{ERRORS[code][0]}"} for code in op.errors},
+        | {str(code): {"$ref": f"#/components/responses/{ERRORS[code][0]}"} for code in errors},
     }
     if op.request is not None:
         body = _json(refs[op.request])
         if op.request in examples:
             body["application/json"]["example"] = examples[op.request]
         operation["requestBody"] = {"required": True, "content": body}
-    if op.public:
+    if op.public and secured:
         operation["security"] = []
     return operation
 
@@ -178,20 +186,45 @@ def _version() -> str:
         return "0.0.0"
 
 
-def openapi_spec(model_name: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for a server that serves `model_name`."""
+def _replaced(node: Any, old: dict, new: dict) -> Any:
+    """`node` with every sub-schema equal to `old` replaced by `new`."""
+    if node == old:
+        return new
+    if isinstance(node, dict):
+        return {key: _replaced(value, old, new) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_replaced(item, old, new) for item in node]
+    return node
+
+
+def _components(types: list[type]) -> tuple[list[dict], dict[str, Any]]:
+    """The schemas of `types` (references) and the components they refer to, with the named
+    unions as components of their own and the rules across fields (schemas.SCHEMA_RULES)."""
+    schemas, components = msgspec.json.schema_components(types, ref_template=REF)
+    for name, union in NAMED_UNIONS.items():
+        (inline,), _ = msgspec.json.schema_components([union], ref_template=REF)
+        components = _replaced(components, inline, {"$ref": REF.format(name=name)})
+        components[name] = inline
+    for name, rule in s.SCHEMA_RULES.items():
+        components[name] = components[name] | rule
+    return schemas, components
+
+
+def openapi_spec(model_name: str, secured: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for a server that serves `model_name`; `secured`: the server
+    has API keys, so every route but the public ones takes a bearer token (else none does)."""
     types: list[type] = [ErrorResponse]
     for op in OPERATIONS:
         types += [t for t in (op.request, op.response, op.stream_chunk) if t and t not in types]
-    schemas, components = msgspec.json.schema_components(types, ref_template=REF)
+    schemas, components = _components(types)
     refs = dict(zip(types, schemas, strict=True))
     examples = _examples(model_name)
 
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
-        paths.setdefault(op.path, {})[op.method] = _operation(op, refs, examples)
+        paths.setdefault(op.path, {})[op.method] = _operation(op, refs, examples, secured)
 
-    return {
+    spec = {
         "openapi": "3.1.0",
         "info": {
             "title": "vlmserve",
@@ -207,9 +240,12 @@ def openapi_spec(model_name: str) -> dict[str, Any]:
             "schemas": components,
             "responses": {
                 name: {"description": text, "content": _json(refs[ErrorResponse])}
-                for name, text in ERRORS.values()
+                for code, (name, text) in ERRORS.items()
+                if secured or code != 401
             },
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
-        "security": [{"bearerAuth": []}],
     }
+    if secured:
+        spec["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearerAuth": []}]
+    return spec

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from vlmserve.frontend.errors import bad_request
+from vlmserve.frontend.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from vlmserve.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from vlmserve.shared.messages import SamplingParams
 
@@ -44,15 +45,24 @@ def bad_words_token_ids(words: list[str], tokenizer: TextEncoder) -> list[list[i
     return sequences
 
 
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
 def to_sampling_params(
     req: ChatCompletionRequest | CompletionRequest,
     default_max_tokens: int,
     tokenizer: TextEncoder,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+    vocab_size: int | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams for a request.
 
     `default_max_tokens` is used when the request names no limit: what fits in the session
-    after the prompt. `tokenizer` turns `bad_words` into the token ids the workers ban.
+    after the prompt (or the checkpoint's max_new_tokens when smaller). `tokenizer` turns
+    `bad_words` into the token ids the workers ban. `defaults` (the checkpoint's
+    generation_config.json) fill the sampling fields the request leaves unset. `logit_bias`
+    may name any id the model scores (below `vocab_size`, its logits' width), as vLLM allows.
     """
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -61,20 +71,23 @@ def to_sampling_params(
     else:
         max_tokens = req.max_tokens
         logprobs = req.logprobs
-    max_tokens = max_tokens or default_max_tokens
+    max_tokens = max_tokens or min(default_max_tokens, defaults.max_tokens or default_max_tokens)
     min_tokens = req.min_tokens if req.min_tokens is not None else (req.min_new_tokens or 0)
     if min_tokens > max_tokens:
         raise bad_request(
             f"`min_tokens` ({min_tokens}) must not exceed `max_tokens` ({max_tokens})",
             "min_tokens",
         )
+    logit_bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    if vocab_size is not None and any(k >= vocab_size for k in logit_bias):
+        raise bad_request(f"`logit_bias` keys must be token ids below {vocab_size}", "logit_bias")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k or 0, 0),  # vLLM's -1 and our 0 both mean off
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        temperature=_first(req.temperature, defaults.temperature, 1.0),
+        top_p=_first(req.top_p, defaults.top_p, 1.0),
+        top_k=max(_first(req.top_k, defaults.top_k, 0), 0),  # vLLM's -1 and our 0: off
+        min_p=_first(req.min_p, defaults.min_p, 0.0),
+        repetition_penalty=_first(req.repetition_penalty, defaults.repetition_penalty, 1.0),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
@@ -82,6 +95,6 @@ def to_sampling_params(
         min_tokens=min_tokens,
         ignore_eos=req.ignore_eos,
         stop_token_ids=list(req.stop_token_ids or []),
-        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        logit_bias=logit_bias,
         bad_words_token_ids=bad_words_token_ids(req.bad_words or [], tokenizer),
     )

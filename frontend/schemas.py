@@ -55,15 +55,30 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url", kw_only=True)
 ContentPart = TextPart | ImagePart
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
-    """One turn of the conversation. Tool and function messages are not served."""
+# One class per role, told apart by `role` (as OpenAI's own document does), so the schema says
+# what is required of each: system and user turns need `content`, an assistant turn may leave
+# it out. Tool and function messages are not served.
 
-    role: Literal["system", "user", "assistant"]
+
+class SystemChatMessage(msgspec.Struct, tag_field="role", tag="system", kw_only=True):
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class UserChatMessage(msgspec.Struct, tag_field="role", tag="user", kw_only=True):
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class AssistantChatMessage(msgspec.Struct, tag_field="role", tag="assistant", kw_only=True):
+    """An earlier answer; its `content` may be left out (the turn is then rendered empty)."""
+
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def __post_init__(self) -> None:
-        validation.check_chat_message(self)
+
+# One turn of the conversation; /openapi.json names this union `ChatMessage`.
+ChatMessage = SystemChatMessage | UserChatMessage | AssistantChatMessage
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -342,7 +357,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
     add_special_tokens: Annotated[
         bool, Meta(description="for `prompt`: add the tokenizer's BOS and the like")
     ] = True
@@ -352,6 +367,18 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         validation.check_tokenize_request(self)
+
+
+# What /openapi.json adds to a struct's schema where a rule across fields is part of the API.
+# TokenizeRequest: exactly one of `prompt` and `messages` (null counts as left out), the rule
+# validation.check_tokenize_request enforces.
+SCHEMA_RULES: dict[str, dict] = {
+    "TokenizeRequest": {
+        "if": {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        "then": {"properties": {"prompt": {"type": "null"}}},
+        "else": {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    }
+}
 
 
 class TokenizeResponse(msgspec.Struct, kw_only=True):

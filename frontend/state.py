@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import httpx
 from vlmserve.frontend.detokenizer import TokenTexts
 from vlmserve.frontend.errors import APIError, model_not_found
 from vlmserve.frontend.prompts import Prompter
+from vlmserve.frontend.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.shared.config import Config
 
@@ -27,6 +29,8 @@ class FrontendState:
     scheduler: SchedulerClient
     token_texts: TokenTexts
     http: httpx.AsyncClient  # image fetches
+    sampling_defaults: SamplingDefaults = NO_DEFAULTS
+    vocab_size: int | None = None  # the model's logits width (may exceed the tokenizer's)
     created: int = int(time.time())
 
     @property
@@ -34,9 +38,17 @@ class FrontendState:
         return self.config.served_name
 
     def check_model(self, model: str | None) -> None:
-        """A request may name the served model, or none; any other name is a 404."""
-        if model is not None and model != self.model_name:
-            raise model_not_found(model)
+        """A request may name the served model (as /v1/models lists it), or none; any other
+        name is a 404. The checkpoint directory's own name is taken too when the listed name
+        ends with it (`./ckpt/llava` for `llava`): earlier versions listed that name, and
+        clients written against them send it. A hub id's snapshot directory is no such name."""
+        if model is None or model == self.model_name:
+            return
+        directory = os.path.basename(os.path.normpath(self.config.model))
+        listed_tail = os.path.basename(os.path.normpath(self.model_name))
+        if model == directory == listed_tail:
+            return
+        raise model_not_found(model)
 
     async def read_body(self, req: falcon.asgi.Request) -> bytes:
         """The request body, refused with a 413 past --max-body-mb (before reading it all)."""

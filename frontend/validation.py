@@ -18,7 +18,6 @@ from vlmserve.frontend.errors import bad_request, from_msgspec_error
 if TYPE_CHECKING:
     from vlmserve.frontend.schemas import (
         ChatCompletionRequest,
-        ChatMessage,
         CompletionRequest,
         SamplingFields,
         TokenizeRequest,
@@ -38,11 +37,6 @@ def decode_request(body: bytes, kind: type[T]) -> T:
         return _decoder(kind).decode(body)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
         raise from_msgspec_error(exc) from None
-
-
-def check_chat_message(message: ChatMessage) -> None:
-    if message.content is None and message.role != "assistant":
-        raise ValueError(f"`content` is required for a {message.role} message")
 
 
 def check_sampling_fields(req: SamplingFields) -> None:

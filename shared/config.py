@@ -20,7 +20,11 @@ ENV_PREFIX = "VLMSERVE_"
 # One line of help per setting; the flag is the field name with dashes.
 HELP: dict[str, str] = {
     "model": "local checkpoint directory (or a Hugging Face hub id when online)",
-    "model_name": "name served in /v1/models and expected in requests (default: path basename)",
+    "model_name": "name served in /v1/models and expected in requests (default: the model "
+    "argument as given)",
+    "generation_config": "sampling defaults of requests that set none: auto (the checkpoint's "
+    "generation_config.json, as vLLM), vllm (ignore it: temperature 1, top_p 1, ...) or a "
+    "directory holding a generation_config.json",
     "run_id": "per-launch suffix of every socket address, shared by all processes of one server",
     "ipc_dir": "directory for ipc:// sockets and the tensor-parallel rendezvous file",
     "engine_host": "host the scheduler binds (or frontends and workers connect to) over tcp",
@@ -74,6 +78,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     model: str = ""
     model_name: str = ""
+    generation_config: str = "auto"
     run_id: str = ""
     ipc_dir: str = tempfile.gettempdir()
     engine_host: str = "127.0.0.1"
@@ -153,7 +158,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def served_name(self) -> str:
-        return self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
+        """--model-name, else the model as given (vLLM's and LMDeploy's default name)."""
+        return self.model_name or self.model
 
     def address(self, name: str) -> str:
         """The ZeroMQ address of one of the engine's sockets (see ADDRESS_SLOTS)."""

@@ -324,6 +324,24 @@ def test_tokenizer_endpoints(srv: dict, ref: ChatReference) -> None:
     assert "hello there" in text
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),  # was a 500: the template refuses an empty conversation
+        ({}, "prompt"),
+        ({"prompt": "x", "messages": HELLO}, "prompt"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ],
+)
+def test_tokenize_refusals_are_400s_naming_the_field(
+    client: openai.OpenAI, srv: dict, body: dict, param: str
+) -> None:
+    resp = post(srv, "/tokenize", body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+    assert_healthy(client, srv)
+
+
 def test_openapi_spec_is_valid_and_docs_are_local(srv: dict) -> None:
     spec = httpx.get(srv["url"] + "/openapi.json").json()
     validate(spec)

@@ -1,15 +1,21 @@
-"""The OpenAPI document: valid 3.1, stable names, every reference resolves; docs assets ship."""
+"""The OpenAPI document: valid 3.1, stable names, every reference resolves, security only with
+API keys, request schemas that accept exactly what the handlers' decoders accept; docs assets
+ship."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import msgspec
 import pytest
 from openapi_spec_validator import validate
 
+from vlmserve.frontend import schemas as s
+from vlmserve.frontend.errors import APIError
 from vlmserve.frontend.openapi import DOCS_PAGE, STATIC_DIR, openapi_spec
+from vlmserve.frontend.validation import decode_request
 
 # Generated clients name their methods after these: renaming one breaks every program built
 # on a generated client. (test_clients checks the live server's document against it too.)
@@ -24,10 +30,21 @@ OPERATION_IDS = {
 }
 
 
+def as_served(secured: bool) -> dict[str, Any]:
+    # Through JSON, as clients get it: the document must survive encoding.
+    return msgspec.json.decode(msgspec.json.encode(openapi_spec("tiny-vlm", secured=secured)))
+
+
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
-    # Through JSON, as clients get it: the document must survive encoding.
-    return msgspec.json.decode(msgspec.json.encode(openapi_spec("tiny-vlm")))
+    """The document of a server with API keys."""
+    return as_served(secured=True)
+
+
+@pytest.fixture(scope="module")
+def open_spec() -> dict[str, Any]:
+    """The document of a server without API keys."""
+    return as_served(secured=False)
 
 
 def refs(node: Any) -> Iterator[str]:
@@ -50,9 +67,10 @@ def resolve(spec: dict[str, Any], ref: str) -> Any:
     return node
 
 
-def test_spec_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
-    assert spec["openapi"] == "3.1.0"
-    validate(spec)
+def test_spec_is_valid_openapi_3_1(spec: dict[str, Any], open_spec: dict[str, Any]) -> None:
+    for document in (spec, open_spec):
+        assert document["openapi"] == "3.1.0"
+        validate(document)
 
 
 def test_operation_ids_are_stable_and_unique(spec: dict[str, Any]) -> None:
@@ -110,6 +128,20 @@ def test_security_is_bearer_except_health(spec: dict[str, Any]) -> None:
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert spec["security"] == [{"bearerAuth": []}]
     assert spec["paths"]["/health"]["get"]["security"] == []
+    assert "401" in spec["paths"]["/v1/models"]["get"]["responses"]
+
+
+def test_without_api_keys_no_security_is_declared(open_spec: dict[str, Any]) -> None:
+    # A server without --api-keys takes every request: a document that asks for a bearer
+    # token would make generated clients demand one.
+    assert "security" not in open_spec
+    assert "securitySchemes" not in open_spec["components"]
+    assert "Unauthorized" not in open_spec["components"]["responses"]
+    for path, item in open_spec["paths"].items():
+        for method, op in item.items():
+            assert "security" not in op, (method, path)
+            assert "401" not in op["responses"], (method, path)
+    assert "401" not in msgspec.json.encode(open_spec["paths"]).decode()
 
 
 def test_request_constraints_reach_the_document(spec: dict[str, Any]) -> None:
@@ -117,6 +149,71 @@ def test_request_constraints_reach_the_document(spec: dict[str, Any]) -> None:
     temperature = props["temperature"]["anyOf"][0]
     assert (temperature["minimum"], temperature["maximum"]) == (0.0, 2.0)
     assert spec["components"]["schemas"]["ChatCompletionRequest"]["required"] == ["messages"]
+
+
+def schema_verdict(spec: dict[str, Any], name: str, body: object) -> bool:
+    """Whether the document's schema `name` accepts `body`."""
+    root = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    return jsonschema.Draft202012Validator(root).is_valid(body)
+
+
+def handler_verdict(kind: type, body: object) -> bool:
+    """Whether the route's decoder (schema types, constraints and cross-field checks) does."""
+    try:
+        decode_request(msgspec.json.encode(body), kind)
+    except APIError as err:
+        assert err.status == 400
+        return False
+    return True
+
+
+USER = {"role": "user", "content": "hi"}
+TOKENIZE_BODIES = [
+    {}, {"prompt": "x"}, {"prompt": ""}, {"messages": [USER]}, {"messages": []},
+    {"prompt": "x", "messages": [USER]}, {"prompt": None, "messages": [USER]},
+    {"prompt": "x", "messages": None}, {"prompt": None}, {"prompt": None, "messages": None},
+    {"prompt": 5}, {"messages": [{"role": "user"}]}, {"messages": [{"role": "assistant"}]},
+    {"messages": [{"role": "system", "content": None}]}, {"prompt": "x", "messages": []},
+    {"prompt": "x", "model": None, "add_special_tokens": False},
+]  # fmt: skip
+CHAT_MESSAGES = [
+    [USER], [], [{"role": "user"}], [{"role": "user", "content": None}],
+    [{"role": "system", "content": "be brief"}, USER], [{"role": "system"}],
+    [{"role": "assistant"}], [{"role": "assistant", "content": None}, USER],
+    [{"role": "tool", "content": "x"}], [{"content": "x"}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}],
+    [{"role": "user", "content": [{"type": "audio"}]}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", TOKENIZE_BODIES)
+def test_tokenize_schema_accepts_what_the_handler_accepts(
+    open_spec: dict[str, Any], body: dict
+) -> None:
+    assert schema_verdict(open_spec, "TokenizeRequest", body) == handler_verdict(
+        s.TokenizeRequest, body
+    )
+
+
+@pytest.mark.parametrize("messages", CHAT_MESSAGES)
+def test_chat_messages_schema_accepts_what_the_handler_accepts(
+    open_spec: dict[str, Any], messages: list
+) -> None:
+    body = {"messages": messages}
+    assert schema_verdict(open_spec, "ChatCompletionRequest", body) == handler_verdict(
+        s.ChatCompletionRequest, body
+    )
+
+
+def test_chat_message_content_is_required_for_system_and_user(open_spec: dict[str, Any]) -> None:
+    schemas = open_spec["components"]["schemas"]
+    assert schemas["ChatMessage"]["discriminator"]["propertyName"] == "role"
+    assert "content" in schemas["UserChatMessage"]["required"]
+    assert "content" in schemas["SystemChatMessage"]["required"]
+    assert "content" not in schemas["AssistantChatMessage"]["required"]
+    messages = schemas["ChatCompletionRequest"]["properties"]["messages"]
+    assert messages["items"] == {"$ref": "#/components/schemas/ChatMessage"}
 
 
 def test_docs_assets_are_shipped() -> None:

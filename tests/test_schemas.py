@@ -10,6 +10,7 @@ import pytest
 
 from vlmserve.frontend import schemas as s
 from vlmserve.frontend.errors import APIError, model_not_found, register_error_handlers
+from vlmserve.frontend.sampling_defaults import SamplingDefaults
 from vlmserve.frontend.sampling_params import bad_words_token_ids, stop_strings, to_sampling_params
 from vlmserve.frontend.validation import completion_prompts, decode_request
 from vlmserve.shared.messages import SamplingParams
@@ -111,9 +112,10 @@ def test_null_optional_fields_are_accepted() -> None:
         ({"top_logprobs": 3}, "top_logprobs", "requires `logprobs`"),
         ({"top_k": -5}, "top_k", "top_k"),
         ({"messages": []}, "messages", ">= 1"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "enum"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'tool'"),
         ({"messages": [{"content": "x"}]}, "messages[0].role", "Missing required"),
-        ({"messages": [{"role": "user"}]}, "messages[0]", "`content` is required"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "Missing required"),
+        ({"messages": [{"role": "system", "content": None}]}, "messages[0].content", "null"),
         (
             {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
             "messages[0].content[0].type",
@@ -450,3 +452,40 @@ def test_error_handlers_answer_in_openai_shape(client: falcon.testing.TestClient
     assert res.status_code == 500
     assert res.json["error"]["type"] == "server_error"
     assert "internal detail" not in res.text
+
+
+def test_checkpoint_defaults_fill_what_the_request_leaves_unset() -> None:
+    # Qwen2.5-7B-Instruct's generation_config.json, plus a max_new_tokens.
+    defaults = SamplingDefaults(
+        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, min_p=0.05, max_tokens=50
+    )
+    bare = decode_request(chat_body(), s.ChatCompletionRequest)
+    params = to_sampling_params(bare, 321, TOKENIZER, defaults)
+    assert params == SamplingParams(
+        max_tokens=50, temperature=0.7, top_p=0.8, top_k=20, min_p=0.05, repetition_penalty=1.05
+    )
+    # The session's room caps the checkpoint's max_new_tokens.
+    assert to_sampling_params(bare, 30, TOKENIZER, defaults).max_tokens == 30
+    # A request's own fields win, even where they mean "off" (top_k -1 or 0, min_p 0).
+    own = decode_request(
+        chat_body(temperature=0, top_p=1, top_k=-1, min_p=0, repetition_penalty=1, max_tokens=99),
+        s.ChatCompletionRequest,
+    )
+    neutral = SamplingParams(max_tokens=99, temperature=0.0)
+    assert to_sampling_params(own, 321, TOKENIZER, defaults) == neutral
+    body = b'{"prompt": "x", "top_k": 0, "temperature": 1.5}'
+    params = to_sampling_params(decode_request(body, s.CompletionRequest), 100, TOKENIZER, defaults)
+    assert (params.top_k, params.temperature, params.top_p) == (0, 1.5, 0.8)
+
+
+def test_logit_bias_keys_must_be_ids_the_model_scores() -> None:
+    req = decode_request(chat_body(logit_bias={"151999": 5, "0": 1}), s.ChatCompletionRequest)
+    # Ids past the tokenizer but inside the model's (padded) vocabulary are fine.
+    params = to_sampling_params(req, 10, TOKENIZER, vocab_size=152064)
+    assert params.logit_bias == {151999: 5.0, 0: 1.0}
+    for key in ("152064", "9" * 30):
+        req = decode_request(chat_body(logit_bias={key: 1}), s.ChatCompletionRequest)
+        with pytest.raises(APIError) as info:
+            to_sampling_params(req, 10, TOKENIZER, vocab_size=152064)
+        assert info.value.status == 400 and info.value.param == "logit_bias"
+        assert "152064" in info.value.message

@@ -133,7 +133,9 @@ class ChatCompletionsResource:
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
         tokenizer = state.prompter.tokenizer
-        sampling = to_sampling_params(body, default_max_tokens=room, tokenizer=tokenizer)
+        sampling = to_sampling_params(
+            body, room, tokenizer, state.sampling_defaults, state.vocab_size
+        )
         if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         prompt = EnginePrompt.with_images(prompt_ids, processed)

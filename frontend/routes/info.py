@@ -42,8 +42,8 @@ class HealthResource:
 
 
 class OpenAPIResource:
-    def __init__(self, state: FrontendState) -> None:
-        self.spec = msgspec.json.encode(openapi_spec(state.model_name))
+    def __init__(self, state: FrontendState, secured: bool) -> None:
+        self.spec = msgspec.json.encode(openapi_spec(state.model_name, secured))
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.data = self.spec
