@@ -151,15 +151,8 @@ def _operation(
     if op.stream_chunk is not None:
         name = op.stream_chunk.__name__
         ok["description"] = f"OK. With `stream: true`, server-sent events instead (see {name})."
-        ok["content"]["text/event-stream"] = {
-            "schema": {
-                "type": "string",
-                "description": (
-                    f"Events `data: <{name} as JSON>`, one per step, then `data: [DONE]`. "
-                    "An error during the stream is sent as `data: <ErrorResponse>`."
-                ),
-            }
-        }
+        # OpenAPI 3.1 has no schema for a whole event stream: `schema` describes one event.
+        ok["content"]["text/event-stream"] = {"schema": {"$ref": REF.format(name=name + "Event")}}
     # Without API keys nothing answers 401.
     errors = [code for code in op.errors if secured or code != 401]
     operation: dict[str, Any] = {
@@ -177,6 +170,31 @@ def _operation(
     if op.public and secured:
         operation["security"] = []
     return operation
+
+
+def _event_schema(chunk: str) -> dict[str, Any]:
+    """One server-sent event of a streamed answer: its `data` is a `chunk` as JSON, or the
+    closing `[DONE]`, or an ErrorResponse as JSON when the stream fails after it began."""
+    payload = {
+        "anyOf": [{"$ref": REF.format(name=chunk)}, {"$ref": REF.format(name="ErrorResponse")}]
+    }
+    return {
+        "title": chunk + "Event",
+        "description": (
+            f"One server-sent event: `data: <{chunk} as JSON>` per step, then `data: [DONE]`. "
+            "An error during the stream is sent as `data: <ErrorResponse as JSON>`, and the "
+            "stream ends there."
+        ),
+        "type": "object",
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"not": {"const": "[DONE]"}},
+                "then": {"contentMediaType": "application/json", "contentSchema": payload},
+            }
+        },
+        "required": ["data"],
+    }
 
 
 def _version() -> str:
@@ -217,6 +235,8 @@ def openapi_spec(model_name: str, secured: bool = False) -> dict[str, Any]:
     for op in OPERATIONS:
         types += [t for t in (op.request, op.response, op.stream_chunk) if t and t not in types]
     schemas, components = _components(types)
+    for chunk in sorted({op.stream_chunk.__name__ for op in OPERATIONS if op.stream_chunk}):
+        components[chunk + "Event"] = _event_schema(chunk)
     refs = dict(zip(types, schemas, strict=True))
     examples = _examples(model_name)
 

@@ -103,7 +103,12 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: Annotated[
-        LogitBias | None, Meta(description="token id (as a string) -> bias added to its logit")
+        LogitBias | None,
+        Meta(
+            description="token id (as a string) -> bias added to its logit",
+            # check_sampling_fields: the keys are token ids.
+            extra_json_schema={"propertyNames": {"pattern": "^[0-9]+$"}},
+        ),
     ] = None
     user: str | None = None
     # Extensions that vLLM and LMDeploy accept.
@@ -369,15 +374,50 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
         validation.check_tokenize_request(self)
 
 
-# What /openapi.json adds to a struct's schema where a rule across fields is part of the API.
-# TokenizeRequest: exactly one of `prompt` and `messages` (null counts as left out), the rule
-# validation.check_tokenize_request enforces.
+# What /openapi.json adds to a struct's schema where a rule that the types cannot say is part
+# of the API; each is enforced by frontend/validation.py (named beside it). Rules about one
+# field sit under `dependentSchemas` (they apply when the field is sent), where generators of
+# client code leave them alone.
+_LOGPROBS_REQUIRED = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+_ONE_OR_MORE = {"type": "array", "minItems": 1}
 SCHEMA_RULES: dict[str, dict] = {
+    # check_tokenize_request: exactly one of `prompt` and `messages` (null counts as left out).
     "TokenizeRequest": {
         "if": {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
         "then": {"properties": {"prompt": {"type": "null"}}},
         "else": {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-    }
+    },
+    # check_chat_request: `top_logprobs` above 0 needs `logprobs: true`.
+    "ChatCompletionRequest": {
+        "dependentSchemas": {
+            "top_logprobs": {
+                "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+                "then": _LOGPROBS_REQUIRED,
+            }
+        }
+    },
+    "CompletionRequest": {
+        "dependentSchemas": {
+            # completion_prompts: one string, or a non-empty batch of one kind.
+            "prompt": {
+                "properties": {
+                    "prompt": {
+                        "anyOf": [
+                            {"type": "string"},
+                            _ONE_OR_MORE | {"items": {"type": "string"}},
+                            _ONE_OR_MORE | {"items": {"type": "integer"}},
+                            _ONE_OR_MORE | {"items": _ONE_OR_MORE | {"items": {"type": "integer"}}},
+                        ]
+                    }
+                }
+            },
+            # routes/completions: prompt logprobs (`echo` with `logprobs`) are not served.
+            "echo": {
+                "if": {"properties": {"echo": {"const": True}}},
+                "then": {"properties": {"logprobs": {"type": "null"}}},
+            },
+        }
+    },
 }
 
 

@@ -8,7 +8,6 @@ ValueError when msgspec should say where in the body the problem is (`$.messages
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
@@ -26,15 +25,26 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@functools.cache
-def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
-    return msgspec.json.Decoder(kind)
+def _whole_numbers_as_ints(value: object) -> object:
+    """`value` with every float that is a whole number (`2.0`) made an int.
+
+    JSON Schema's `integer` (what /openapi.json says of `n`, `max_tokens`, `seed`, ...) is any
+    number without a fractional part, and OpenAI's and vLLM's servers take `2.0` for an int;
+    msgspec alone would refuse it. Float fields take ints, so they are unaffected.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_numbers_as_ints(item) for key, item in value.items()}
+    return value
 
 
 def decode_request(body: bytes, kind: type[T]) -> T:
     """Decode a JSON body into `kind`; any problem is an APIError (400) naming the field."""
     try:
-        return _decoder(kind).decode(body)
+        return msgspec.convert(_whole_numbers_as_ints(msgspec.json.decode(body)), kind)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
         raise from_msgspec_error(exc) from None
 

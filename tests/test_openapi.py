@@ -4,6 +4,7 @@ ship."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,7 +116,8 @@ def test_generation_documents_streaming_and_errors(spec: dict[str, Any]) -> None
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     content = chat["responses"]["200"]["content"]
     assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
-    assert "ChatCompletionChunk" in content["text/event-stream"]["schema"]["description"]
+    event = resolve(spec, content["text/event-stream"]["schema"]["$ref"])
+    assert event["required"] == ["data"] and "ChatCompletionChunk" in event["description"]
     assert {"400", "401", "404", "413", "503"} <= set(chat["responses"])
     error = resolve(spec, chat["responses"]["400"]["$ref"])
     assert error["content"]["application/json"]["schema"] == {
@@ -206,6 +208,44 @@ def test_chat_messages_schema_accepts_what_the_handler_accepts(
     )
 
 
+CHAT_BODIES = [
+    {"top_logprobs": 2}, {"top_logprobs": 2, "logprobs": True}, {"top_logprobs": 0},
+    {"top_logprobs": 2, "logprobs": False}, {"top_logprobs": None}, {"logprobs": True},
+    {"n": 2.0}, {"n": 2.5}, {"max_tokens": 1e3}, {"seed": -3.0}, {"temperature": 1},
+    {"logit_bias": {"12": 1}}, {"logit_bias": {"": 1}}, {"logit_bias": {"x1": 1}},
+    {"logit_bias": {"1": 1.0, "2": 100}}, {"n": True}, {"max_tokens": "5"},
+]  # fmt: skip
+COMPLETION_BODIES = [
+    {"prompt": "x"}, {"prompt": ""}, {"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [1, 2]},
+    {"prompt": [[1], [2, 3]]}, {"prompt": ["a", 1]}, {"prompt": [[1], []]}, {"prompt": [[1], "a"]},
+    {"prompt": [1.0, 2]}, {"prompt": "x", "echo": True},
+    {"prompt": "x", "echo": True, "logprobs": 1}, {"prompt": "x", "echo": False, "logprobs": 1},
+    {"prompt": "x", "echo": True, "logprobs": None},
+    {"prompt": "x", "logprobs": 0}, {"prompt": "x", "logprobs": 21}, {},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", CHAT_BODIES)
+def test_chat_schema_accepts_what_the_handler_accepts(
+    open_spec: dict[str, Any], fields: dict
+) -> None:
+    body = {"messages": [USER]} | fields
+    assert schema_verdict(open_spec, "ChatCompletionRequest", body) == handler_verdict(
+        s.ChatCompletionRequest, body
+    )
+
+
+@pytest.mark.parametrize("body", COMPLETION_BODIES)
+def test_completion_schema_accepts_what_the_handler_accepts(
+    open_spec: dict[str, Any], body: dict
+) -> None:
+    # The route refuses `echo` with `logprobs` after decoding; the document says so too.
+    expected = handler_verdict(s.CompletionRequest, body) and not (
+        body.get("echo") and body.get("logprobs") is not None
+    )
+    assert schema_verdict(open_spec, "CompletionRequest", body) == expected
+
+
 def test_chat_message_content_is_required_for_system_and_user(open_spec: dict[str, Any]) -> None:
     schemas = open_spec["components"]["schemas"]
     assert schemas["ChatMessage"]["discriminator"]["propertyName"] == "role"
@@ -214,6 +254,36 @@ def test_chat_message_content_is_required_for_system_and_user(open_spec: dict[st
     assert "content" not in schemas["AssistantChatMessage"]["required"]
     messages = schemas["ChatCompletionRequest"]["properties"]["messages"]
     assert messages["items"] == {"$ref": "#/components/schemas/ChatMessage"}
+
+
+@pytest.mark.parametrize(
+    ("data", "valid"),
+    [
+        ("[DONE]", True),
+        ('{"id": "c", "created": 1, "model": "m", "choices": []}', True),
+        ('{"error": {"message": "engine gone", "type": "x", "param": null, "code": null}}', True),
+        ('{"id": "c"}', False),
+        ("DONE", False),
+    ],
+)
+def test_a_streamed_event_is_described_with_its_payload(
+    spec: dict[str, Any], data: str, valid: bool
+) -> None:
+    # The event's `data` is JSON of the chunk schema (contentSchema), or the closing [DONE].
+    event = resolve(spec, "#/components/schemas/ChatCompletionChunkEvent")
+    then = event["properties"]["data"]["then"]
+    assert then["contentMediaType"] == "application/json"
+    payload = {"$ref": "#/x", "x": then["contentSchema"], "components": spec["components"]}
+    if data == "[DONE]":
+        assert schema_verdict(spec, "ChatCompletionChunkEvent", {"data": data})
+        return
+    try:
+        decoded = json.loads(data)
+    except json.JSONDecodeError:
+        decoded = None
+    ok = decoded is not None and jsonschema.Draft202012Validator(payload).is_valid(decoded)
+    assert ok == valid
+    assert schema_verdict(spec, "ChatCompletionChunkEvent", {"data": data})  # a string either way
 
 
 def test_docs_assets_are_shipped() -> None:

@@ -489,3 +489,16 @@ def test_logit_bias_keys_must_be_ids_the_model_scores() -> None:
             to_sampling_params(req, 10, TOKENIZER, vocab_size=152064)
         assert info.value.status == 400 and info.value.param == "logit_bias"
         assert "152064" in info.value.message
+
+
+def test_whole_numbers_written_as_floats_are_integers() -> None:
+    # JSON Schema's `integer` (what /openapi.json says) includes 2.0; OpenAI's servers take it.
+    req = decode_request(
+        chat_body(n=2.0, max_tokens=1e2, seed=-3.0, temperature=1), s.ChatCompletionRequest
+    )
+    assert (req.n, req.max_tokens, req.seed, req.temperature) == (2, 100, -3, 1.0)
+    assert type(req.n) is int and type(req.temperature) is float
+    assert decode_error(chat_body(n=2.5), s.ChatCompletionRequest).param == "n"
+    assert decode_error(chat_body(n=True), s.ChatCompletionRequest).param == "n"
+    req = decode_request(b'{"prompt": [1.0, 2]}', s.CompletionRequest)
+    assert completion_prompts(req) == [[1, 2]]
