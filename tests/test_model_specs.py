@@ -36,3 +36,22 @@ def test_vision_half_ignores_the_text_configs_pad_token(tmp_path) -> None:
             ours.vision.state_dict().items(), reference.vision.state_dict().items(), strict=True
         ):
             torch.testing.assert_close(a, b, msg=f"{arch}: {name} differs")
+
+
+def test_loading_in_another_dtype_changes_no_global_state(tmp_path) -> None:
+    """The model is built on the meta device and given real storage in the asked dtype; torch's
+    default dtype is never touched, and the weights equal a float32 load's, rounded."""
+    model_dir = build_vision_checkpoint(str(tmp_path / "llava"), "llava")
+    seen: list[torch.dtype] = []
+    real_setter = torch.set_default_dtype
+    torch.set_default_dtype = lambda d: seen.append(d)  # type: ignore[assignment]
+    try:
+        half = load_model(model_dir, torch.bfloat16, CPU)
+    finally:
+        torch.set_default_dtype = real_setter
+    assert seen == [] and torch.get_default_dtype() == torch.float32
+    full = load_model(model_dir, torch.float32, CPU)
+    full_params = dict(full.named_parameters())
+    for name, param in half.named_parameters():
+        assert param.dtype == torch.bfloat16, name
+        torch.testing.assert_close(param, full_params[name].to(torch.bfloat16), msg=name)

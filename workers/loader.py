@@ -83,16 +83,41 @@ def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
         raise KeyError(f"checkpoint has no weights for {missing[:5]}")
 
 
+def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Give a model built on the meta device real storage on `device`: floating parameters in
+    `dtype` (zeros until weights load: rows a checkpoint has no weights for, such as a vocab
+    shard's padding, stay zero), tied parameters still one; parameters and buffers already real
+    (computed when built) moved there, buffers keeping their dtype."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in made:
+                kind = dtype if param.is_floating_point() else param.dtype
+                data = (
+                    torch.zeros(param.shape, dtype=kind, device=device)
+                    if param.is_meta
+                    else param.data.to(device=device, dtype=kind)
+                )
+                new = nn.Parameter(data, requires_grad=False)
+                new.__dict__.update(param.__dict__)  # its weight_loader and shard attributes
+                made[id(param)] = new
+            module._parameters[name] = made[id(param)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                if buffer.is_meta:
+                    raise RuntimeError(f"buffer {name} of {type(module).__name__} has no values")
+                module._buffers[name] = buffer.to(device)
+
+
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
     spec = checkpoint_spec(model_dir)
     config = spec.hf_config(model_dir)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = build_model(spec, config)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    with torch.device("meta"):  # shapes only: no memory, no global dtype to change
+        model = build_model(spec, config)
+    materialize(model, dtype, device)
     sources = model.weight_sources(model_dir) if hasattr(model, "weight_sources") else None
     loaded: set[str] = set()
     for directory, rename in sources or [(model_dir, None)]:

@@ -47,15 +47,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
-        positions = torch.arange(max_positions, dtype=torch.float)
-        # transformers' initialisers return CPU tensors; the table lives where the model does.
-        freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
+        # Computed on the CPU in float32 whatever device the model is built on (the loader
+        # builds on the meta device, which holds no values), then moved with the model.
+        with torch.device("cpu"):
+            inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+            positions = torch.arange(max_positions, dtype=torch.float)
+            freqs = positions[:, None] * inv_freq[None, :]
+            sections = rope_parameters(hf_config).get("mrope_section")
+            bounds = torch.tensor([0, *sections]).cumsum(0).tolist() if sections else []
         # [max_positions, head_dim // 2]; the two halves of a rotation share their angles
         self.register_buffer("cos_half", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin_half", freqs.sin() * scaling, persistent=False)
-        sections = rope_parameters(hf_config).get("mrope_section")
-        bounds = torch.tensor([0, *sections]).cumsum(0).tolist() if sections else []
         self.mrope_chunks = list(zip(bounds[:-1], bounds[1:], strict=False))
 
     def _angles(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

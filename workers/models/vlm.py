@@ -33,7 +33,11 @@ class VisionLanguageModel(nn.Module):
         text = copy.deepcopy(hf_config.text_config)
         text.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
         self.language = self.decoder_class(text)(text)
-        self.vision = VisionEncoder(hf_config, self.vision_class(hf_config))
+        # transformers' vision half computes buffers when built (position ids, RoPE tables),
+        # so it is built for real, on the CPU in float32, even when the decoder is built on
+        # the meta device; the loader then moves it where the model goes.
+        with torch.device("cpu"):
+            self.vision = VisionEncoder(hf_config, self.vision_class(hf_config))
         self.image_token_id: int = hf_config.image_token_id
 
     def vision_class(self, hf_config: Any) -> str:
