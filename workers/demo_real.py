@@ -21,7 +21,6 @@ import shutil
 
 import torch
 import transformers
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from vlmserve.shared.models import checkpoint_spec
@@ -233,6 +232,7 @@ def _build_original_llava(raw: dict, out_dir: str, seed: int) -> None:
     checkpoint, as a hub id would be laid out), its weights under the original names, and an
     `hf-twin/` beside them in transformers' format with the same weights (the reference)."""
     from vlmserve.shared.models.llava_original import original_config
+    from vlmserve.workers.demo_vlm import save_original_weights
 
     tower_dir = os.path.join(out_dir, raw["mm_vision_tower"])
     vision = transformers.CLIPVisionConfig(**CLIP_SIZES, image_size=336, patch_size=14)
@@ -245,16 +245,7 @@ def _build_original_llava(raw: dict, out_dir: str, seed: int) -> None:
     tower = transformers.CLIPVisionModel(vision)
     tower.load_state_dict(twin.model.vision_tower.state_dict())
     tower.save_pretrained(tower_dir)
-    weights = {f"model.{k}": v for k, v in twin.model.language_model.state_dict().items()}
-    weights["lm_head.weight"] = twin.lm_head.weight
-    projector = twin.model.multi_modal_projector
-    for ours, layer in (("0", projector.linear_1), ("2", projector.linear_2)):
-        weights[f"model.mm_projector.{ours}.weight"] = layer.weight
-        weights[f"model.mm_projector.{ours}.bias"] = layer.bias
-    if hasattr(twin.model, "image_newline"):
-        weights["model.image_newline"] = twin.model.image_newline
-    save_file({k: v.detach().contiguous() for k, v in weights.items()},
-              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    save_original_weights(twin, out_dir)
     twin_dir = os.path.join(out_dir, "hf-twin")
     twin.save_pretrained(twin_dir)
     twin.generation_config.save_pretrained(out_dir)  # replaced by the published one, if any

@@ -205,16 +205,7 @@ def build_llava_original(
     transformers.CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     ).save_pretrained(tower_dir)
-    weights = {f"model.{k}": v for k, v in twin.model.language_model.state_dict().items()}
-    weights["lm_head.weight"] = twin.lm_head.weight
-    projector = twin.model.multi_modal_projector
-    for ours, layer in (("0", projector.linear_1), ("2", projector.linear_2)):
-        weights[f"model.mm_projector.{ours}.weight"] = layer.weight
-        weights[f"model.mm_projector.{ours}.bias"] = layer.bias
-    if v1_6:
-        weights["model.image_newline"] = twin.model.image_newline
-    save_file({k: v.detach().contiguous() for k, v in weights.items()},
-              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    save_original_weights(twin, out_dir)
     text = twin.config.text_config.to_dict()
     config = {
         k: text[k] for k in (
@@ -239,6 +230,21 @@ def build_llava_original(
     tokenizer.save_pretrained(out_dir)
     _save_generation_config(out_dir, tokenizer)
     return out_dir
+
+
+def save_original_weights(twin: torch.nn.Module, out_dir: str) -> None:
+    """A transformers LLaVA / LLaVA-NeXT model's weights under the original LLaVA repository's
+    names (decoder under `model.`, projector as `model.mm_projector.{0,2}`), without its tower."""
+    weights = {f"model.{k}": v for k, v in twin.model.language_model.state_dict().items()}
+    weights["lm_head.weight"] = twin.lm_head.weight
+    projector = twin.model.multi_modal_projector
+    for ours, layer in (("0", projector.linear_1), ("2", projector.linear_2)):
+        weights[f"model.mm_projector.{ours}.weight"] = layer.weight
+        weights[f"model.mm_projector.{ours}.bias"] = layer.bias
+    if hasattr(twin.model, "image_newline"):  # LLaVA-NeXT (v1.6)
+        weights["model.image_newline"] = twin.model.image_newline
+    save_file({k: v.detach().contiguous() for k, v in weights.items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
 
 
 def _save_generation_config(out_dir: str, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
