@@ -123,7 +123,9 @@ def driven(srv: dict, clients: Path, tmp_path_factory: pytest.TempPathFactory) -
     python = str(env_dir / "bin" / "python")
     # The client's dependencies (pydantic, urllib3, python-dateutil, typing-extensions) come
     # from the package index, as they would for anyone who installs the generated client.
-    quiet = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONNOUSERSITE": "1"}
+    # No PYTHONPATH: the fresh venv must see only what was installed into it.
+    outside = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    quiet = {**outside, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONNOUSERSITE": "1"}
     install = subprocess.run(
         [python, "-m", "pip", "install", "-q", str(clients / "python")],
         capture_output=True, text=True, timeout=300, env=quiet,
