@@ -107,9 +107,9 @@ def _text_reference(model_dir: str, chats: list) -> list[tuple[int, list[int], s
         text = _rendered(tok, messages)
         special = needs_special_tokens(tok, text)
         prompts.append(tok(text, add_special_tokens=special)["input_ids"])
+    eos = set(as_list(transformers.GenerationConfig.from_pretrained(model_dir).eos_token_id))
     out = []
     for prompt, (tokens, _) in zip(prompts, hf_greedy(model_dir, prompts, MAX_NEW), strict=True):
-        eos = set(as_list(transformers.GenerationConfig.from_pretrained(model_dir).eos_token_id))
         text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
         out.append((len(prompt), tokens, text))
     return out

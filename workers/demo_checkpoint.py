@@ -68,7 +68,7 @@ CHATML_TEMPLATE = (
 )
 
 
-def _corpus(rng: random.Random, lines: int) -> list[str]:
+def training_text(rng: random.Random, lines: int) -> list[str]:
     """Generated text: common words, invented words (to give BPE merges) and non-ASCII."""
     out = []
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -97,7 +97,7 @@ def build_tokenizer(vocab_size: int, special: list[str], bos: str | None, seed: 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(random.Random(seed), 20000), trainer=trainer)
+    tok.train_from_iterator(training_text(random.Random(seed), 20000), trainer=trainer)
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, wanted {vocab_size}")
     if bos is not None:

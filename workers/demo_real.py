@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.shared.models.spec import read_json
-from vlmserve.workers.demo_checkpoint import _corpus
+from vlmserve.workers.demo_checkpoint import training_text
 
 # Files copied as published (config.json and generation_config.json are written separately).
 COPIED = (
@@ -145,7 +145,7 @@ def real_tokenizer(config_dir: str, seed: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    trained.train_from_iterator(_corpus(random.Random(seed), 5000), trainer=trainer)
+    trained.train_from_iterator(training_text(random.Random(seed), 5000), trainer=trainer)
     model = json.loads(trained.to_str())["model"]
     own = sorted(model["vocab"], key=model["vocab"].get)
     size = max(max(specials) + 1, len(own) + len(specials))

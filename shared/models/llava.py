@@ -13,11 +13,11 @@ from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage
 
 
 class LlavaImages:
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, hf_config: Any) -> None:
         import transformers
 
         self.processor = transformers.AutoProcessor.from_pretrained(model_dir)
-        self.config = transformers.AutoConfig.from_pretrained(model_dir)
+        self.config = hf_config
         self.next = hasattr(self.config, "image_grid_pinpoints")
 
     def process(self, text: str, images: list) -> tuple[list[int], list[PlacedImage]]:
@@ -59,7 +59,7 @@ class LlavaSpec(ModelSpec):
     architectures = ("LlavaForConditionalGeneration",)
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
-        return LlavaImages(model_dir)
+        return LlavaImages(model_dir, self.hf_config(model_dir))
 
 
 class LlavaNextSpec(LlavaSpec):

@@ -7,17 +7,19 @@ image processor runs alone and the placeholder expansion is done here, as their 
 
 from __future__ import annotations
 
+from typing import Any
+
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
 from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage
 
 
 class QwenVLImages:
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, hf_config: Any) -> None:
         import transformers
 
         self.image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        self.image_token_id = transformers.AutoConfig.from_pretrained(model_dir).image_token_id
+        self.image_token_id = hf_config.image_token_id
         self.pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     def process(self, text: str, images: list) -> tuple[list[int], list[PlacedImage]]:
@@ -54,7 +56,7 @@ class Qwen2VLSpec(ModelSpec):
     architectures = ("Qwen2VLForConditionalGeneration",)
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
-        return QwenVLImages(model_dir)
+        return QwenVLImages(model_dir, self.hf_config(model_dir))
 
 
 class Qwen25VLSpec(Qwen2VLSpec):
