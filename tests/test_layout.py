@@ -129,3 +129,25 @@ def test_every_family_has_a_compute_side() -> None:
     from vlmserve.workers.models.registry import COMPUTE
 
     assert sorted(spec.family for spec in SPECS) == sorted(COMPUTE)
+
+
+def _package_name(folder: str) -> str:
+    relative = os.path.relpath(folder, ROOT)
+    return "vlmserve" if relative == "." else "vlmserve." + relative.replace(os.sep, ".")
+
+
+def test_every_package_folder_is_installed() -> None:
+    """A non-editable install (a wheel, the Docker image) ships only the packages pyproject
+    lists: every folder with an __init__.py must be there, or its imports fail only there."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    on_disk = {
+        _package_name(folder)
+        for folder, _, names in os.walk(ROOT)
+        if "__init__.py" in names
+        and not os.path.relpath(folder, ROOT).startswith(("tests", "."))
+        or folder == ROOT
+    }
+    assert on_disk - listed == set(), f"package folders missing from pyproject: {on_disk - listed}"
