@@ -19,6 +19,24 @@ HOT = {"array_like": True, "omit_defaults": True, "gc": False}
 STOP, LENGTH, ABORT, ERROR = "stop", "length", "abort", "error"
 
 
+# Kinds of output constraint (Grammar.kind); each is compiled by xgrammar on the workers.
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "ebnf")
+
+
+class Grammar(msgspec.Struct, frozen=True, **HOT):
+    """A constraint on a request's output, ending in a per-step token mask on the workers.
+
+    Every request field that constrains output (`response_format`, vLLM's `structured_outputs`
+    and `guided_*`, LMDeploy's `regex_schema`, a `tool_choice` that forces a call) becomes one
+    of these in the frontend. `spec` is the JSON schema text (json_schema), the regular
+    expression (regex), a JSON list of the allowed strings (choice) or the EBNF grammar (ebnf);
+    empty for json_object (any JSON object).
+    """
+
+    kind: str
+    spec: str = ""
+
+
 class SamplingParams(msgspec.Struct, frozen=True, **HOT):
     """How to pick tokens for one request; validated by the frontend."""
 
@@ -38,6 +56,7 @@ class SamplingParams(msgspec.Struct, frozen=True, **HOT):
     logit_bias: dict[int, float] = {}
     # vLLM's `bad_words`, each tokenized by the frontend; see workers/logits_processors.py.
     bad_words_token_ids: list[list[int]] = []
+    grammar: Grammar | None = None
 
 
 class ArrayMeta(msgspec.Struct, frozen=True, **HOT):
