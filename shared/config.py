@@ -70,6 +70,18 @@ HELP: dict[str, str] = {
     "image_max_bytes": "largest image accepted, in bytes (fetched, decoded data: URL or file)",
     "image_max_pixels": "largest image accepted, in pixels (width * height), before decoding",
     "image_max_redirects": "most HTTP redirects followed when fetching an image",
+    "max_queued_requests": "most requests waiting for the engine (not yet running); past it a "
+    "new request gets 503 with Retry-After at once (0: no cap)",
+    "max_queued_tokens": "most prompt tokens of the requests waiting for the engine; past it a "
+    "new request gets 503 with Retry-After at once (0: no cap)",
+    "max_concurrent_requests": "most generation requests one frontend process serves at once; "
+    "past it 503 with Retry-After at once (0: no cap)",
+    "queue_timeout": "seconds a request may wait for its first token before it is aborted with "
+    "503 (0: no limit)",
+    "request_timeout": "seconds a request may take in all unless it sets its own `timeout`; "
+    "past it the request ends with a 408 error (0: no limit)",
+    "drain_timeout": "seconds a stopping frontend (SIGTERM) waits for its requests in flight to "
+    "finish, answering 503 to new ones, before it exits",
 }
 
 
@@ -118,6 +130,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     image_max_bytes: int = 20 * 2**20
     image_max_pixels: int = 40_000_000
     image_max_redirects: int = 3
+    max_queued_requests: int = 0
+    max_queued_tokens: int = 0
+    max_concurrent_requests: int = 0
+    queue_timeout: float = 0.0
+    request_timeout: float = 0.0
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -151,6 +169,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (self.frontend_workers >= 1, "--frontend-workers must be at least 1"),
             (self.worker_startup_timeout > 0, "--worker-startup-timeout must be positive"),
             (self.start_timeout > 0, "--start-timeout must be positive"),
+            (self.max_queued_requests >= 0, "--max-queued-requests must be 0 (off) or more"),
+            (self.max_queued_tokens >= 0, "--max-queued-tokens must be 0 (off) or more"),
+            (
+                self.max_concurrent_requests >= 0,
+                "--max-concurrent-requests must be 0 (off) or more",
+            ),
+            (self.queue_timeout >= 0, "--queue-timeout must be 0 (off) or positive"),
+            (self.request_timeout >= 0, "--request-timeout must be 0 (off) or positive"),
+            (self.drain_timeout >= 0, "--drain-timeout must be 0 or positive"),
         ]
         for ok, message in checks:
             if not ok:
