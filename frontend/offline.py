@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.shared.config import Config
-from vlmserve.shared.messages import EngineStatus, SamplingParams
+from vlmserve.shared.messages import EngineStatus, PromptLogprobs, SamplingParams
 
 
 @dataclass
@@ -20,6 +20,8 @@ class Finished:
     finish_reason: str | None = None
     error: str | None = None
     elapsed: float = 0.0
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0
 
 
 async def _one(
@@ -30,6 +32,8 @@ async def _one(
     async for output in client.generate(request_id, prompt, sp):
         out.token_ids.extend(output.token_ids)
         out.finish_reason, out.error = output.finish_reason, output.error
+        out.prompt_logprobs = out.prompt_logprobs or output.prompt_logprobs
+        out.num_cached_tokens = output.num_cached_tokens
     out.elapsed = time.monotonic() - started
     return out
 

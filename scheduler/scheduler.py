@@ -46,6 +46,12 @@ def image_block_keys(images: list[ImageMeta], block_size: int) -> list[Hashable]
     return keys
 
 
+def _needs_prompt_logits(req: Request) -> bool:
+    """Whether the request still wants its prompt logprobs (they come with its first token):
+    then it takes no cached prefix, whose blocks have no logits to score the prompt with."""
+    return req.sampling.prompt_logprobs is not None and req.num_outputs == 0
+
+
 @dataclass(slots=True)
 class _Scheduled:
     """A request's share of the plan in flight, kept to register its blocks once computed."""
@@ -252,7 +258,7 @@ class Scheduler:
     def _admit(self, req: Request, budget: int) -> int:
         """Take cached prefix blocks and blocks for the first chunk; return its size (0: none)."""
         bm = self.block_manager
-        cached = bm.match_prefix(req.token_ids, req.extra_keys)
+        cached = [] if _needs_prompt_logits(req) else bm.match_prefix(req.token_ids, req.extra_keys)
         if len(cached) * bm.block_size >= req.num_tokens:
             # Fully cached: recompute the last block so there is a token to sample from.
             cached = cached[:-1]
@@ -350,6 +356,7 @@ class Scheduler:
                 logprobs=[lp] if lp is not None else None,
                 finish_reason=reason,
                 num_cached_tokens=req.num_cached_tokens,
+                prompt_logprobs=result.prompt_logprobs.get(seq_id),
             )
             outputs.setdefault(req.frontend_id, []).append(out)
             if reason is not None:

@@ -57,6 +57,9 @@ class SamplingParams(msgspec.Struct, frozen=True, **HOT):
     # vLLM's `bad_words`, each tokenized by the frontend; see workers/logits_processors.py.
     bad_words_token_ids: list[list[int]] = []
     grammar: Grammar | None = None
+    # vLLM's `prompt_logprobs`: each prompt token's logprob given the tokens before it, and
+    # the top N at each position (see PromptLogprobs); None = none.
+    prompt_logprobs: int | None = None
 
 
 class ArrayMeta(msgspec.Struct, frozen=True, **HOT):
@@ -116,8 +119,23 @@ class TokenLogprob(msgspec.Struct, frozen=True, **HOT):
     top_logprobs: list[float] = []
 
 
+class PromptLogprobs(msgspec.Struct, frozen=True, **HOT):
+    """Log-probabilities of a prompt's tokens, each given the tokens before it.
+
+    Entry i is about prompt token i + 1 (the first token has nothing before it): its logprob,
+    its rank (1 = the most likely token there; ties count as ahead, as vLLM counts) and the
+    top N candidates at that position, best first. All from the raw logits.
+    """
+
+    logprobs: list[float] = []
+    ranks: list[int] = []
+    top_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+
 class RequestOutput(msgspec.Struct, **HOT):
-    """What one request got in one step. `finish_reason` is set on its last output."""
+    """What one request got in one step. `finish_reason` is set on its last output;
+    `prompt_logprobs`, when the request asked for them, come once, with its first output."""
 
     request_id: str
     token_ids: list[int]
@@ -126,6 +144,7 @@ class RequestOutput(msgspec.Struct, **HOT):
     error: str | None = None
     num_cached_tokens: int = 0
     rejected: bool = False  # the request itself can never run here (a 400, not a 503)
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class TokenBatch(msgspec.Struct, tag=True, **HOT):
@@ -228,6 +247,8 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     # Sequences left out of the step because their own input failed (an image the vision
     # tower could not encode), with the reason: they end alone, the others go on.
     failed: dict[int, str] = {}
+    # Sequences that asked for prompt logprobs and sampled their first token in this step.
+    prompt_logprobs: dict[int, PromptLogprobs] = {}
 
 
 class WorkerFailed(msgspec.Struct, tag=True, **HOT):

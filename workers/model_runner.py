@@ -11,12 +11,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlmserve.shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan, StepResult
+from vlmserve.shared.messages import (
+    NewSeq,
+    PromptLogprobs,
+    SamplingParams,
+    SeqStep,
+    StepPlan,
+    StepResult,
+)
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import step_context
 from vlmserve.workers.attention.metadata import AttentionMetadata, build_metadata
 from vlmserve.workers.logits_processors import LogitsProcessor, ProcessorRow, processors_for
 from vlmserve.workers.multimodal import ImageInputs, SeqImage, SeqPositions
+from vlmserve.workers.prompt_logprobs import (
+    PromptLogprobsBuffer,
+    score_prompt_tokens,
+    scored_positions,
+    split_scores,
+)
 from vlmserve.workers.sampler import SamplingInput, sample
 
 
@@ -30,6 +43,8 @@ class SeqState:
     images: list[SeqImage] = field(default_factory=list)
     mrope: SeqPositions | None = None  # Qwen2-VL's multimodal positions
     processors: list[LogitsProcessor] = field(default_factory=list)  # rank 0's only
+    # Set while the sequence wants the logprobs of its prompt and has not sampled yet.
+    prompt_logprobs: PromptLogprobsBuffer | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,11 @@ class Batch:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [sampling seqs] index of each sampling seq's last token
     sample_seq_ids: list[int]
+    # Rows whose logits score the next prompt token (workers/prompt_logprobs.py), the tokens
+    # they score, and per sequence: (seq id, first scored position, number of rows), in order.
+    prompt_rows: torch.Tensor | None = None  # [scored rows]
+    prompt_targets: torch.Tensor | None = None  # [scored rows]
+    prompt_spans: tuple[tuple[int, int, int], ...] = ()
 
 
 class ModelRunner:
@@ -89,6 +109,9 @@ class ModelRunner:
 
     def _new_state(self, new: NewSeq) -> SeqState:
         state = SeqState(list(new.token_ids), new.prompt_len, new.sampling, new.seed)
+        # A sequence resumed after it sampled has sent its prompt logprobs with that token.
+        if new.sampling.prompt_logprobs is not None and len(new.token_ids) == new.prompt_len:
+            state.prompt_logprobs = PromptLogprobsBuffer(new.sampling.prompt_logprobs)
         if self.samples:  # made anew for a resumed sequence: they catch up from its tokens
             state.processors = processors_for(new.sampling)
         return state
@@ -109,6 +132,9 @@ class ModelRunner:
         image_spans = []
         sample_rows: list[int] = []
         sample_seq_ids: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_spans: list[tuple[int, int, int]] = []
         for step, state in zip(steps, states, strict=True):
             start, end = step.start, step.start + step.num_tokens
             row = len(input_ids)
@@ -120,6 +146,12 @@ class ModelRunner:
             if step.sample:
                 sample_rows.append(row + step.num_tokens - 1)
                 sample_seq_ids.append(step.seq_id)
+            if state.prompt_logprobs is not None and (
+                scored := scored_positions(start, step.num_tokens, state.prompt_len)
+            ):
+                prompt_rows += [row + p - start for p in scored]
+                prompt_targets += state.token_ids[scored.start + 1 : scored.stop + 1]
+                prompt_spans.append((step.seq_id, scored.start, len(scored)))
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return Batch(
             input_ids=ids,
@@ -129,6 +161,13 @@ class ModelRunner:
             metadata=metadata,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sample_seq_ids=sample_seq_ids,
+            prompt_rows=torch.tensor(prompt_rows, dtype=torch.long, device=self.device)
+            if prompt_rows
+            else None,
+            prompt_targets=torch.tensor(prompt_targets, dtype=torch.long, device=self.device)
+            if prompt_rows
+            else None,
+            prompt_spans=tuple(prompt_spans),
         )
 
     def _sampling_input(self, seq_ids: list[int]) -> SamplingInput:
@@ -164,9 +203,12 @@ class ModelRunner:
                 hidden = self.model(batch.input_ids, batch.positions)  # [tokens, hidden]
             else:
                 hidden = self.model(batch.input_ids, batch.positions, batch.input_embeds)
+        if batch.prompt_rows is not None:
+            self._score_prompts(batch, hidden)
         if not batch.sample_seq_ids:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[], failed=failed)
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float()  # [seqs, vocab]
+        prompt_logprobs = self._finished_prompts(batch.sample_seq_ids)
         if not self.samples:  # every rank takes part in the logits' all-gather; rank 0 samples
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
         token_ids, logprobs = sample(logits, self._sampling_input(batch.sample_seq_ids))
@@ -176,4 +218,32 @@ class ModelRunner:
             token_ids=token_ids.tolist(),
             logprobs=logprobs,
             failed=failed,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _score_prompts(self, batch: Batch, hidden: torch.Tensor) -> None:
+        """Add this step's prompt positions to their sequences' prompt logprobs (rank 0)."""
+        buffers = [self.seqs[seq_id].prompt_logprobs for seq_id, _, _ in batch.prompt_spans]
+        scores = score_prompt_tokens(
+            self.model.compute_logits,
+            hidden[batch.prompt_rows],
+            batch.prompt_targets,
+            max(buffer.num_top for buffer in buffers),
+            keep=self.samples,
+        )
+        if scores is None:
+            return
+        parts = split_scores(scores, [count for _, _, count in batch.prompt_spans])
+        for (_, first, _), buffer, part in zip(batch.prompt_spans, buffers, parts, strict=True):
+            buffer.add(first, part)
+
+    def _finished_prompts(self, seq_ids: list[int]) -> dict[int, PromptLogprobs]:
+        """The prompt logprobs of the sequences sampling their first token now, taken from
+        their states (they are sent once)."""
+        done: dict[int, PromptLogprobs] = {}
+        for seq_id in seq_ids:
+            state = self.seqs[seq_id]
+            if state.prompt_logprobs is not None:
+                done[seq_id] = state.prompt_logprobs.result()
+                state.prompt_logprobs = None
+        return done
