@@ -22,6 +22,7 @@ from vlmserve.shared.messages import (
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import step_context
 from vlmserve.workers.attention.metadata import AttentionMetadata, build_metadata
+from vlmserve.workers.layers.deepstack import LayerAdditions
 from vlmserve.workers.logits_processors import LogitsProcessor, ProcessorRow, processors_for
 from vlmserve.workers.multimodal import ImageInputs, SeqImage, SeqPositions
 from vlmserve.workers.prompt_logprobs import (
@@ -54,6 +55,7 @@ class Batch:
     input_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens], or [3, tokens] for multimodal RoPE
     input_embeds: torch.Tensor | None  # [tokens, hidden] when images are in the step
+    additions: LayerAdditions | None  # DeepStack levels of the step's image tokens
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [sampling seqs] index of each sampling seq's last token
     sample_seq_ids: list[int]
@@ -153,11 +155,13 @@ class ModelRunner:
                 prompt_targets += state.token_ids[scored.start + 1 : scored.stop + 1]
                 prompt_spans.append((step.seq_id, scored.start, len(scored)))
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        embeds, additions = self.images.embed(ids, image_spans) if image_spans else (None, None)
         return Batch(
             input_ids=ids,
             # Multimodal RoPE has its own positions (every sequence has them, or none does).
             positions=torch.cat(mrope, dim=-1).to(self.device) if mrope else metadata.positions,
-            input_embeds=self.images.embed(ids, image_spans) if image_spans else None,
+            input_embeds=embeds,
+            additions=additions,
             metadata=metadata,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sample_seq_ids=sample_seq_ids,
@@ -201,8 +205,12 @@ class ModelRunner:
         with step_context(batch.metadata, self.backend):
             if batch.input_embeds is None:
                 hidden = self.model(batch.input_ids, batch.positions)  # [tokens, hidden]
-            else:
+            elif batch.additions is None:
                 hidden = self.model(batch.input_ids, batch.positions, batch.input_embeds)
+            else:
+                hidden = self.model(
+                    batch.input_ids, batch.positions, batch.input_embeds, batch.additions
+                )
         if batch.prompt_rows is not None:
             self._score_prompts(batch, hidden)
         if not batch.sample_seq_ids:

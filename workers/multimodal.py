@@ -15,13 +15,16 @@ import torch
 
 from vlmserve.shared.arrays import from_frames
 from vlmserve.shared.messages import ImageMeta, NewSeq
+from vlmserve.workers.layers.deepstack import LayerAdditions
 
 
 @dataclass
 class SeqImage:
     offset: int  # its placeholders are token_ids[offset:offset + length]
     length: int
-    features: torch.Tensor  # [length, hidden]
+    # [length, hidden * (1 + DeepStack levels)]: the placeholders' embeddings, then each
+    # level's rows (Qwen3-VL); kept side by side so one slice serves a chunk's tokens.
+    features: torch.Tensor
 
 
 @dataclass
@@ -33,7 +36,8 @@ class SeqPositions:
 
     def span(self, start: int, end: int) -> torch.Tensor:
         head = self.known[:, start:end]
-        rest = torch.arange(max(start, self.known.shape[1]), end) + self.delta
+        known = self.known.shape[1]  # a chunk may end before the known positions do
+        rest = torch.arange(max(start, known), max(end, known)) + self.delta
         return torch.cat((head, rest.expand(3, -1)), dim=1)
 
 
@@ -172,14 +176,24 @@ class ImageInputs:
 
     def embed(
         self, input_ids: torch.Tensor, spans: list[tuple[int, int, int, list[SeqImage]]]
-    ) -> torch.Tensor:
-        """Token embeddings with image rows put in: `spans` are (batch row, start, end,
-        images) of each sequence in the step."""
+    ) -> tuple[torch.Tensor, LayerAdditions | None]:
+        """Token embeddings with image rows put in, and the DeepStack levels of those rows
+        (None when the model has none or the step holds no image token): `spans` are
+        (batch row, start, end, images) of each sequence in the step."""
         embeds = self.model.embed(input_ids)  # [tokens, hidden]
+        rows: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
         for row, start, end, images in spans:
-            for image in images:
+            for image in images:  # the part of each image that this chunk of tokens covers
                 a, b = max(start, image.offset), min(end, image.offset + image.length)
                 if a < b:
-                    rows = slice(row + a - start, row + b - start)
-                    embeds[rows] = image.features[a - image.offset : b - image.offset]
-        return embeds
+                    rows.append(torch.arange(row + a - start, row + b - start))
+                    features.append(image.features[a - image.offset : b - image.offset])
+        if not rows:
+            return embeds, None
+        hidden = embeds.shape[-1]
+        at, found = torch.cat(rows).to(embeds.device), torch.cat(features)
+        embeds[at] = found[:, :hidden].to(embeds.dtype)
+        if found.shape[-1] == hidden:
+            return embeds, None
+        return embeds, LayerAdditions(at, list(found[:, hidden:].split(hidden, dim=-1)))

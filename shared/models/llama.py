@@ -1,4 +1,4 @@
-"""Decoder-only checkpoints of the Llama family: Llama 2/3, Vicuna, Mistral, Qwen2/2.5."""
+"""Decoder-only checkpoints of the Llama family: Llama 2/3, Vicuna, Mistral, Qwen2/2.5, Qwen3."""
 
 from __future__ import annotations
 
@@ -20,4 +20,9 @@ class Qwen2Spec(ModelSpec):
     architectures = ("Qwen2ForCausalLM",)
 
 
-SPECS = [LlamaSpec(), MistralSpec(), Qwen2Spec()]
+class Qwen3Spec(ModelSpec):
+    family = "qwen3"
+    architectures = ("Qwen3ForCausalLM",)
+
+
+SPECS = [LlamaSpec(), MistralSpec(), Qwen2Spec(), Qwen3Spec()]

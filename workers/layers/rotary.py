@@ -32,6 +32,27 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
     return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
 
 
+def mrope_axes(params: dict, frequencies: int) -> torch.Tensor | None:
+    """Which position (0 temporal, 1 height, 2 width) each rotary frequency takes its angle
+    from, for a config with `mrope_section`; None for plain RoPE.
+
+    Qwen2-VL's sections are contiguous runs of frequencies; with `mrope_interleaved`
+    (Qwen3-VL) frequency j takes height if j % 3 == 1 and width if j % 3 == 2, each only within
+    three times its section, and temporal otherwise (transformers' recomposition).
+    """
+    sections = params.get("mrope_section")
+    if not sections:
+        return None
+    index = torch.arange(frequencies)
+    if not params.get("mrope_interleaved"):
+        bounds = torch.tensor(sections).cumsum(0)
+        return torch.bucketize(index, bounds, right=True) % 3
+    axes = torch.zeros(frequencies, dtype=torch.long)
+    for axis in (1, 2):
+        axes[(index % 3 == axis) & (index < 3 * sections[axis])] = axis
+    return axes
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -40,9 +61,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to queries and keys at given positions, from a precomputed table.
 
-    Positions are [tokens], or [3, tokens] for multimodal RoPE (Qwen2-VL): then the
-    frequencies are split into `mrope_section` chunks taking their angle from the temporal,
-    height and width position in turn, as transformers does.
+    Positions are [tokens], or [3, tokens] for multimodal RoPE: then each frequency takes its
+    angle from the temporal, height or width position, as `mrope_axes` assigns them.
     """
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
@@ -53,19 +73,19 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
             positions = torch.arange(max_positions, dtype=torch.float)
             freqs = positions[:, None] * inv_freq[None, :]
-            sections = rope_parameters(hf_config).get("mrope_section")
-            bounds = torch.tensor([0, *sections]).cumsum(0).tolist() if sections else []
+            axes = mrope_axes(rope_parameters(hf_config), head_dim // 2)
         # [max_positions, head_dim // 2]; the two halves of a rotation share their angles
         self.register_buffer("cos_half", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin_half", freqs.sin() * scaling, persistent=False)
-        self.mrope_chunks = list(zip(bounds[:-1], bounds[1:], strict=False))
+        self.register_buffer("mrope_axes", axes, persistent=False)  # [head_dim // 2] or None
 
     def _angles(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if positions.dim() == 1:
             half = table[positions]
-        else:
-            chunks = [table[positions[i % 3], a:b] for i, (a, b) in enumerate(self.mrope_chunks)]
-            half = torch.cat(chunks, dim=-1)
+        else:  # every frequency at every axis' position, then each frequency's own axis
+            by_axis = table[positions]  # [3, tokens, head_dim // 2]
+            axes = self.mrope_axes.expand(1, positions.shape[1], -1)
+            half = by_axis.gather(0, axes)[0]
         return torch.cat((half, half), dim=-1).unsqueeze(1)  # [tokens, 1, head_dim]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:

@@ -1,4 +1,7 @@
-"""Llama-family decoders (Llama, Mistral, Qwen2): GQA, RoPE, tied embeddings, TP layers."""
+"""Llama-family decoders (Llama, Mistral, Qwen2, Qwen3): GQA, RoPE, tied embeddings, TP layers.
+
+Qwen3 differs only by an RMSNorm over each query and key head before RoPE (`qk_norm`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.workers.layers.attention import PagedAttention
+from vlmserve.workers.layers.deepstack import LayerAdditions
 from vlmserve.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vlmserve.workers.layers.linear import (
     MergedColumnParallelLinear,
@@ -24,7 +28,7 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int, qk_norm: bool = False) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
@@ -40,6 +44,9 @@ class LlamaAttention(nn.Module):
             shard=self.qkv_proj.out_shard,  # this rank's heads, however they split
         )
         self.head_dim = head_dim
+        # Qwen3: per-head RMSNorm of queries and keys (one weight shared by every head).
+        norm = (lambda: RMSNorm(head_dim, config.rms_norm_eps)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
         proj = self.qkv_proj
         self.attn = PagedAttention(
             proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5, layer_idx
@@ -48,8 +55,8 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         proj = self.qkv_proj
         q, k, v = proj(x).split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
-        q = q.view(-1, proj.num_heads, self.head_dim)
-        k = k.view(-1, proj.num_kv_heads, self.head_dim)
+        q = self.q_norm(q.view(-1, proj.num_heads, self.head_dim))
+        k = self.k_norm(k.view(-1, proj.num_kv_heads, self.head_dim))
         v = v.view(-1, proj.num_kv_heads, self.head_dim)
         q, k = apply_rope(rope, q, k)
         out = self.attn(q, k, v)  # [tokens, heads, head_dim]
@@ -71,10 +78,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, qkv_bias, layer_idx)
+        self.self_attn = LlamaAttention(config, qkv_bias, layer_idx, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -84,13 +91,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool = False) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         self.rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, i) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, i, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -99,11 +106,16 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         input_embeds: torch.Tensor | None = None,
+        additions: LayerAdditions | None = None,
     ) -> torch.Tensor:
+        """`additions`: features added to the output of the first layers at some token rows
+        (DeepStack); None, and no cost, for every other model."""
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         rope = self.rotary(positions, x.dtype)  # the same angles for every layer
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(rope, x)
+            if additions is not None and i < len(additions.levels):
+                x = additions.add(i, x)
         return self.norm(x)
 
 
@@ -117,11 +129,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     qkv_bias = False
+    qk_norm = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias=bias)
+        self.model = LlamaModel(config, qkv_bias=bias, qk_norm=self.qk_norm)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -137,6 +150,10 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
 
 
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
+
+
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral's decoder is Llama's; a sliding window longer than any request changes nothing."""
 
@@ -146,6 +163,7 @@ _TEXT_DECODERS: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
 }
 
 

@@ -8,20 +8,28 @@ from typing import Any
 from torch import nn
 
 from vlmserve.shared.models import ModelSpec
-from vlmserve.workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from vlmserve.workers.models.llama import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 from vlmserve.workers.models.llava import LlavaModel, LlavaNextModel
 from vlmserve.workers.models.llava_original import LlavaOriginalModel
 from vlmserve.workers.models.qwen2_vl import Qwen2VLModel, Qwen25VLModel
+from vlmserve.workers.models.qwen3_vl import Qwen3VLModel
 
 COMPUTE: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
     "llava": LlavaModel,
     "llava_next": LlavaNextModel,
     "llava_original": LlavaOriginalModel,
     "qwen2_vl": Qwen2VLModel,
     "qwen2_5_vl": Qwen25VLModel,
+    "qwen3_vl": Qwen3VLModel,
 }
 
 

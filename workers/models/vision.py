@@ -48,7 +48,10 @@ class VisionEncoder(nn.Module):
     def forward(self, arrays: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """`arrays` as the model's image processor names them (pixel_values, image_sizes,
         image_grid_thw), batched over images; returns [placeholders, hidden] per image."""
+        return list(self.image_features(arrays).pooler_output)
+
+    def image_features(self, arrays: dict[str, torch.Tensor]) -> Any:
+        """transformers' `get_image_features` output for the batch, in the tower's dtype."""
         dtype = next(self.hf.parameters()).dtype
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in arrays.items()}
-        out = self.hf.get_image_features(**inputs, return_dict=True)
-        return list(out.pooler_output)
+        return self.hf.get_image_features(**inputs, return_dict=True)

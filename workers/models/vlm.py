@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmserve.workers.layers.deepstack import LayerAdditions
 from vlmserve.workers.models.llama import LlamaForCausalLM, decoder_for
 from vlmserve.workers.models.vision import VisionEncoder
 
@@ -27,6 +28,7 @@ class VisionLanguageModel(nn.Module):
     # Checkpoint name prefixes -> ours, first match wins.
     name_prefixes: list[tuple[str, str]] = []
     uses_mrope = False  # multimodal RoPE: positions [3, tokens] from rope_index
+    encoder = VisionEncoder  # what runs the vision half (one that returns DeepStack levels)
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()
@@ -37,7 +39,7 @@ class VisionLanguageModel(nn.Module):
         # so it is built for real, on the CPU in float32, even when the decoder is built on
         # the meta device; the loader then moves it where the model goes.
         with torch.device("cpu"):
-            self.vision = VisionEncoder(hf_config, self.vision_class(hf_config))
+            self.vision = self.encoder(hf_config, self.vision_class(hf_config))
         self.image_token_id: int = hf_config.image_token_id
 
     def vision_class(self, hf_config: Any) -> str:
@@ -63,8 +65,9 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         input_embeds: torch.Tensor | None = None,
+        additions: LayerAdditions | None = None,
     ) -> torch.Tensor:
-        return self.language.model(input_ids, positions, input_embeds)
+        return self.language.model(input_ids, positions, input_embeds, additions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language.compute_logits(hidden)

@@ -1,0 +1,63 @@
+"""A tiny random-weight Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration`) in Hugging Face
+format, built offline: Qwen3 decoder (q/k norms), interleaved multimodal RoPE, a ViT with a
+learned position grid and two DeepStack levels (one per decoder layer), its image processor
+sized in pixels (`size` shortest/longest edge) and a ChatML template."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers
+
+from vlmserve.workers.demo_checkpoint import fast_tokenizer
+from vlmserve.workers.demo_vlm import QWEN_VL_TEMPLATE, TEXT
+
+PATCH, MERGE = 16, 2
+TOKEN_PIXELS = (PATCH * MERGE) ** 2  # one placeholder token per merged 32x32 patch
+
+
+def build_qwen3_vl(out_dir: str, seed: int = 0) -> str:
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = fast_tokenizer(512, special, None, "<|im_end|>", seed)
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in vision_tokens}
+    # head_dim 16: 8 rotary frequencies, interleaved t h w t h w t h (sections 2, 3, 3).
+    text = dict(
+        **TEXT, head_dim=16, vocab_size=len(tokenizer), rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                         "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
+        num_position_embeddings=64, deepstack_visual_indexes=[0, 2], initializer_range=0.2,
+    )  # fmt: skip
+    config = transformers.Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    images = transformers.Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 4 * TOKEN_PIXELS, "longest_edge": 64 * TOKEN_PIXELS},
+        patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+    os.makedirs(out_dir, exist_ok=True)
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(out_dir)
+    images.save_pretrained(out_dir)
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,47 @@
+"""Qwen3-VL: transformers' ViT (learned position grid, 2D RoPE, patch merger, DeepStack mergers)
+and our Qwen3 decoder with interleaved multimodal RoPE and DeepStack.
+
+The vision tower returns, per image, the placeholders' embeddings and one more row per
+placeholder for each of its `deepstack_visual_indexes`; those levels are added to the outputs
+of the first decoder layers at the image's token rows (workers/layers/deepstack.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmserve.workers.layers.rotary import rope_parameters
+from vlmserve.workers.models.llama import Qwen3ForCausalLM
+from vlmserve.workers.models.qwen2_vl import NAME_PREFIXES, Qwen2VLModel
+from vlmserve.workers.models.vision import VisionEncoder
+
+
+class DeepstackVisionEncoder(VisionEncoder):
+    def forward(self, arrays: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per image [placeholders, hidden * (1 + levels)]: the embeddings, then each level."""
+        out = self.image_features(arrays)
+        per_level = zip(*out.deepstack_features, strict=True)  # per image: its levels
+        return [
+            torch.cat((main, *levels), dim=-1)
+            for main, levels in zip(out.pooler_output, per_level, strict=True)
+        ]
+
+
+class Qwen3VLTextForCausalLM(Qwen3ForCausalLM):
+    """transformers' Qwen3-VL text model interleaves the multimodal RoPE whatever its config
+    says (Qwen2-VL's runs of frequencies are never used)."""
+
+    def __init__(self, config: Any) -> None:
+        config.rope_parameters = {**rope_parameters(config), "mrope_interleaved": True}
+        super().__init__(config)
+
+
+class Qwen3VLModel(Qwen2VLModel):
+    vision_half = "Qwen3VLModel"
+    name_prefixes = NAME_PREFIXES
+    encoder = DeepstackVisionEncoder
+
+    def decoder_class(self, text_config: Any) -> type[Qwen3ForCausalLM]:
+        return Qwen3VLTextForCausalLM
