@@ -106,6 +106,53 @@ class PlainText(OutputParser):
         return OutputDelta(content=text)
 
 
+class ReasoningThenAnswer(OutputParser):
+    """A reasoning parser first, then the answer's parser on the answer part alone (tool
+    calls are read only outside the thinking). `max_calls`: calls past that many are dropped
+    (`parallel_tool_calls: false`)."""
+
+    def __init__(
+        self, reasoning: OutputParser | None, answer: OutputParser, max_calls: int | None = None
+    ) -> None:
+        self.reasoning = reasoning
+        self.answer = answer
+        self.max_calls = max_calls
+
+    def feed(self, text: str) -> OutputDelta:
+        if self.reasoning is None:
+            return self._limited(self.answer.feed(text))
+        split = self.reasoning.feed(text)
+        out = OutputDelta(reasoning_content=split.reasoning_content)
+        out.extend(self._limited(self.answer.feed(split.content)))
+        return out
+
+    def finish(self, finish_reason: str) -> tuple[OutputDelta, str]:
+        out = OutputDelta()
+        if self.reasoning is not None:
+            rest, finish_reason = self.reasoning.finish(finish_reason)
+            out.reasoning_content = rest.reasoning_content
+            out.extend(self._limited(self.answer.feed(rest.content)))
+        rest, finish_reason = self.answer.finish(finish_reason)
+        out.extend(self._limited(rest))
+        return out, finish_reason
+
+    def _limited(self, delta: OutputDelta) -> OutputDelta:
+        if self.max_calls is not None:
+            delta.tool_calls = [c for c in delta.tool_calls if c.index < self.max_calls]
+        return delta
+
+
+def split_at(buf: str, tag: str) -> tuple[str, bool, str]:
+    """(`buf` before `tag`, whether `tag` is there, the rest after it). When it is not there,
+    the rest is the end of `buf` that may be the start of `tag`: a parser holds it back until
+    more text tells (tags arrive split anywhere)."""
+    at = buf.find(tag)
+    if at >= 0:
+        return buf[:at], True, buf[at + len(tag) :]
+    keep = max((n for n in range(1, len(tag)) if buf.endswith(tag[:n])), default=0)
+    return buf[: len(buf) - keep], False, buf[len(buf) - keep :]
+
+
 class OutputPipeline:
     """One choice's path from the engine's tokens to its answer: text, then the parser."""
 
