@@ -1,4 +1,4 @@
-"""Per-sequence logits processors: bans, and later grammar masks, applied on rank 0.
+"""Per-sequence logits processors: bans and grammar masks (workers/grammar.py), on rank 0.
 
 A processor belongs to one sequence. The sampler applies it to that sequence's row of a step's
 logits after logit_bias, the penalties and the min_tokens mask, and before temperature and the
@@ -35,6 +35,16 @@ class LogitsProcessor(ABC):
         the prompt. Token ids at or past the vocab size must be ignored, as the sampler does.
         """
 
+    @classmethod
+    def apply_rows(cls, logits: torch.Tensor, rows: Sequence[ProcessorRow]) -> None:
+        """Apply the processors of `rows` (all of this class) to their rows of `logits`.
+
+        One call per class and step: a class whose rows are cheaper together (a grammar's
+        bitmask, moved to the device once) overrides this.
+        """
+        for row, processor, token_ids, prompt_len in rows:
+            processor(logits[row], token_ids, prompt_len)
+
 
 class ProcessorRow(NamedTuple):
     """A processor and what it sees in one step: its sequence's row of the logits."""
@@ -46,10 +56,17 @@ class ProcessorRow(NamedTuple):
 
 
 def apply_processors(logits: torch.Tensor, rows: Sequence[ProcessorRow]) -> torch.Tensor:
-    """A copy of `logits` ([num_seqs, vocab] float32) with every row's processors applied."""
+    """A copy of `logits` ([num_seqs, vocab] float32) with every row's processors applied.
+
+    Rows are applied class by class (each class's `apply_rows` once): processors mask tokens,
+    and masks give the same result in any order.
+    """
     logits = logits.clone()  # the sampler's input may be the model's own tensor
-    for row, processor, token_ids, prompt_len in rows:
-        processor(logits[row], token_ids, prompt_len)
+    by_class: dict[type[LogitsProcessor], list[ProcessorRow]] = {}
+    for row in rows:
+        by_class.setdefault(type(row.processor), []).append(row)
+    for kind, kind_rows in by_class.items():
+        kind.apply_rows(logits, kind_rows)
     return logits
 
 
@@ -86,10 +103,15 @@ class BadWords(LogitsProcessor):
 
 
 # Each factory makes a sequence's processor from its SamplingParams, or None when the request
-# does not ask for that kind. A new kind (a grammar's token mask) is one class and one entry.
-FACTORIES: tuple[Callable[[SamplingParams], LogitsProcessor | None], ...] = (BadWords.from_params,)
+# does not ask for that kind. A new kind is one class and one entry; a kind that needs the
+# worker's own state (the grammar mask needs the tokenizer's vocabulary, read at start-up) is
+# a bound method the worker adds to these (workers/process.py).
+Factory = Callable[[SamplingParams], LogitsProcessor | None]
+FACTORIES: tuple[Factory, ...] = (BadWords.from_params,)
 
 
-def processors_for(params: SamplingParams) -> list[LogitsProcessor]:
+def processors_for(
+    params: SamplingParams, factories: Sequence[Factory] = FACTORIES
+) -> list[LogitsProcessor]:
     """The processors a sequence with these SamplingParams needs; usually none."""
-    return [processor for make in FACTORIES if (processor := make(params)) is not None]
+    return [processor for make in factories if (processor := make(params)) is not None]

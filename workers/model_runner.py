@@ -23,7 +23,13 @@ from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import step_context
 from vlmserve.workers.attention.metadata import AttentionMetadata, build_metadata
 from vlmserve.workers.layers.deepstack import LayerAdditions
-from vlmserve.workers.logits_processors import LogitsProcessor, ProcessorRow, processors_for
+from vlmserve.workers.logits_processors import (
+    FACTORIES,
+    Factory,
+    LogitsProcessor,
+    ProcessorRow,
+    processors_for,
+)
 from vlmserve.workers.multimodal import ImageInputs, SeqImage, SeqPositions
 from vlmserve.workers.prompt_logprobs import (
     PromptLogprobsBuffer,
@@ -75,9 +81,11 @@ class ModelRunner:
         device: torch.device,
         encoder_cache_bytes: int = 1 << 30,
         samples: bool = True,
+        processor_factories: tuple[Factory, ...] = FACTORIES,
     ) -> None:
         self.model = model
         self.samples = samples  # False on ranks other than 0
+        self.processor_factories = processor_factories  # FACTORIES, plus the grammar mask's
         self.backend = backend  # attention over its KV pool
         self.block_size = backend.pool.block_size
         self.eos_token_ids = eos_token_ids
@@ -115,7 +123,7 @@ class ModelRunner:
         if new.sampling.prompt_logprobs is not None and len(new.token_ids) == new.prompt_len:
             state.prompt_logprobs = PromptLogprobsBuffer(new.sampling.prompt_logprobs)
         if self.samples:  # made anew for a resumed sequence: they catch up from its tokens
-            state.processors = processors_for(new.sampling)
+            state.processors = processors_for(new.sampling, self.processor_factories)
         return state
 
     def build_batch(self, steps: list[SeqStep]) -> Batch:

@@ -40,8 +40,10 @@ from vlmserve.shared.models import read_model_info
 from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 from vlmserve.workers.attention.registry import attention_backend
+from vlmserve.workers.grammar import GrammarBackend, logits_width
 from vlmserve.workers.kv_pool import KVPool, num_blocks_for
 from vlmserve.workers.loader import load_model
+from vlmserve.workers.logits_processors import FACTORIES
 from vlmserve.workers.model_runner import ModelRunner
 from vlmserve.workers.parallel import join_group, local_rank
 
@@ -117,6 +119,10 @@ def serve(config: Config) -> int:
         group = join_group(config, device)  # before the model: layers shard by the group
         model = load_model(config.model, dtype, device)
         info = read_model_info(config.model)
+        factories = FACTORIES
+        if config.rank == 0:  # reads the vocabulary in a thread while the cache is allocated
+            grammars = GrammarBackend(config.model, logits_width(model), info.eos_token_ids)
+            factories = (*FACTORIES, grammars.processor_for)
         session_len = model_session_len(config.session_len, info)
         num_blocks = num_blocks_for(config, model, dtype, device, session_len)
         pool = KVPool.for_model(model, num_blocks, config.block_size, dtype, device)
@@ -131,6 +137,7 @@ def serve(config: Config) -> int:
             device,
             config.encoder_cache_mb << 20,
             samples=config.rank == 0,
+            processor_factories=factories,
         )
         results.send(codec.encode(WorkerReady(config.rank, num_blocks, str(device))))
         while True:
