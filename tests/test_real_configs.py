@@ -99,6 +99,16 @@ def _rendered(tok: object, messages: list[dict]) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _generation_config(model_dir: str) -> transformers.GenerationConfig:
+    """The published generation config; with none published (a config folder found without
+    one), the one transformers derives from config.json, as `generate` does."""
+    try:
+        return transformers.GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        return transformers.GenerationConfig.from_model_config(config)
+
+
 def _text_reference(model_dir: str, chats: list) -> list[tuple[int, list[int], str]]:
     """transformers' greedy answer to each chat, prompted as the model's processor does."""
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -107,7 +117,7 @@ def _text_reference(model_dir: str, chats: list) -> list[tuple[int, list[int], s
         text = _rendered(tok, messages)
         special = needs_special_tokens(tok, text)
         prompts.append(tok(text, add_special_tokens=special)["input_ids"])
-    eos = set(as_list(transformers.GenerationConfig.from_pretrained(model_dir).eos_token_id))
+    eos = set(as_list(_generation_config(model_dir).eos_token_id))
     out = []
     for prompt, (tokens, _) in zip(prompts, hf_greedy(model_dir, prompts, MAX_NEW), strict=True):
         text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
