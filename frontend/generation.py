@@ -29,7 +29,13 @@ from vlmserve.frontend.sampling_params import stop_strings
 from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.frontend.schemas import SamplingFields
 from vlmserve.shared.arrays import to_frames
-from vlmserve.shared.messages import ERROR, ImageMeta, SamplingParams, TokenLogprob
+from vlmserve.shared.messages import (
+    ERROR,
+    ImageMeta,
+    PromptLogprobs,
+    SamplingParams,
+    TokenLogprob,
+)
 
 _request_numbers = itertools.count()
 
@@ -81,6 +87,8 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None  # "stop", "length" (or a parser's) on a choice's last delta
     num_cached_tokens: int = 0
+    # The prompt's logprobs, on the first delta of the prompt's first choice when asked.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -91,6 +99,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # the first choice's, when asked
 
 
 async def collect_choices(
@@ -107,6 +116,7 @@ async def collect_choices(
             choice.token_ids.extend(d.token_ids)
             choice.logprobs.extend(d.logprobs or [])
             choice.finish_reason = d.finish_reason
+            choice.prompt_logprobs = choice.prompt_logprobs or d.prompt_logprobs
             cached = max(cached, d.num_cached_tokens)
     return choices, cached
 
@@ -116,10 +126,13 @@ class EngineError(Exception):
 
 
 def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
-    """Choice i of a seeded request uses seed + i, so the n choices differ yet reproduce."""
-    if sampling.seed is None or index == 0:
+    """Choice i of a seeded request uses seed + i, so the n choices differ yet reproduce.
+    Only the first choice scores the prompt (prompt logprobs): the others start once its
+    prompt is cached, and take its blocks."""
+    if index == 0:
         return sampling
-    return msgspec.structs.replace(sampling, seed=sampling.seed + index)
+    seed = None if sampling.seed is None else sampling.seed + index
+    return msgspec.structs.replace(sampling, seed=seed, prompt_logprobs=None)
 
 
 async def _run_choice(
@@ -150,8 +163,9 @@ async def _run_choice(
                 raise EngineError(output.error or "the engine failed this request")
             answer, finish = pipeline.add(output.token_ids, output.finish_reason)
             delta = ChoiceDelta(
-                index, answer, output.token_ids, output.logprobs, finish, output.num_cached_tokens
-            )
+                index, answer, output.token_ids, output.logprobs, finish, output.num_cached_tokens,
+                prompt_logprobs=output.prompt_logprobs,
+            )  # fmt: skip
             await out.put(delta)
             if finish is not None:
                 return  # leaving early (a stop string) aborts the engine request

@@ -45,6 +45,17 @@ def bad_words_token_ids(words: list[str], tokenizer: TextEncoder) -> list[list[i
     return sequences
 
 
+def prompt_logprobs_asked(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many top candidates per prompt position the answer needs, or None for no prompt
+    logprobs: vLLM's `prompt_logprobs` (none when streamed: `prompt_logprobs: 0` with
+    `stream` is allowed, as in vLLM, and sends nothing) and, on completions, `echo` with
+    `logprobs`, whose echoed tokens get `logprobs` top candidates."""
+    asked = None if req.stream else req.prompt_logprobs
+    if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+        asked = max(asked or 0, req.logprobs)
+    return asked
+
+
 def _first(*values: float | None) -> float | None:
     return next((v for v in values if v is not None), None)
 
@@ -96,5 +107,6 @@ def to_sampling_params(
         ignore_eos=req.ignore_eos,
         stop_token_ids=list(req.stop_token_ids or []),
         logit_bias=logit_bias,
+        prompt_logprobs=prompt_logprobs_asked(req),
         bad_words_token_ids=bad_words_token_ids(req.bad_words or [], tokenizer),
     )

@@ -127,6 +127,13 @@ class SamplingFields(msgspec.Struct, kw_only=True):
         list[str] | None,
         Meta(description="vLLM's: words the output must not contain (as whole token sequences)"),
     ] = None
+    prompt_logprobs: Annotated[
+        TopLogprobsCount | None,
+        Meta(
+            description="vLLM's: each prompt token's logprob given the tokens before it, with "
+            "the N most likely tokens at each position (not with `stream`)"
+        ),
+    ] = None
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
@@ -178,6 +185,27 @@ class ChatTokenLogprob(msgspec.Struct, kw_only=True):
 
 class ChatLogprobs(msgspec.Struct, kw_only=True):
     content: list[ChatTokenLogprob] | None = None
+
+
+class PromptLogprob(msgspec.Struct):
+    """vLLM's entry of one token at one prompt position (`rank` 1 is the most likely)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt token, null for the first, then token id -> its entry.
+PromptLogprobsList = list[
+    Annotated[
+        dict[int, PromptLogprob],
+        Meta(
+            description="the prompt token's entry, then the top N's (token id -> entry)",
+            extra_json_schema={"propertyNames": {"pattern": "^[0-9]+$"}},
+        ),
+    ]
+    | None
+]
 
 
 class PromptTokensDetails(msgspec.Struct, kw_only=True):
@@ -236,6 +264,8 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # Sent when the request asks for them (`prompt_logprobs`), as vLLM does.
+    prompt_logprobs: PromptLogprobsList | UnsetType = UNSET
 
 
 class ChatFunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -302,6 +332,8 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     index: int
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # Sent when the request asks for them (`prompt_logprobs`, not streamed), as vLLM does.
+    prompt_logprobs: PromptLogprobsList | UnsetType = UNSET
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -380,6 +412,11 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 # client code leave them alone.
 _LOGPROBS_REQUIRED = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
 _ONE_OR_MORE = {"type": "array", "minItems": 1}
+# check_sampling_fields: `prompt_logprobs` above 0 are not streamed (as in vLLM).
+_PROMPT_LOGPROBS_NOT_STREAMED = {
+    "if": {"properties": {"prompt_logprobs": {"type": "integer", "minimum": 1}}},
+    "then": {"properties": {"stream": {"const": False}}},
+}
 SCHEMA_RULES: dict[str, dict] = {
     # check_tokenize_request: exactly one of `prompt` and `messages` (null counts as left out).
     "TokenizeRequest": {
@@ -393,7 +430,8 @@ SCHEMA_RULES: dict[str, dict] = {
             "top_logprobs": {
                 "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
                 "then": _LOGPROBS_REQUIRED,
-            }
+            },
+            "prompt_logprobs": _PROMPT_LOGPROBS_NOT_STREAMED,
         }
     },
     "CompletionRequest": {
@@ -411,11 +449,7 @@ SCHEMA_RULES: dict[str, dict] = {
                     }
                 }
             },
-            # routes/completions: prompt logprobs (`echo` with `logprobs`) are not served.
-            "echo": {
-                "if": {"properties": {"echo": {"const": True}}},
-                "then": {"properties": {"logprobs": {"type": "null"}}},
-            },
+            "prompt_logprobs": _PROMPT_LOGPROBS_NOT_STREAMED,
         }
     },
 }

@@ -55,6 +55,10 @@ def check_sampling_fields(req: SamplingFields) -> None:
     for key in req.logit_bias or {}:
         if not (key.isascii() and key.isdigit()):
             raise bad_request(f"`logit_bias` keys must be token ids, got {key!r}", "logit_bias")
+    if req.prompt_logprobs and req.stream:  # as vLLM: a streamed answer has no place for them
+        raise bad_request(
+            "`prompt_logprobs` are not available when `stream=True`", "prompt_logprobs"
+        )
 
 
 def check_chat_request(req: ChatCompletionRequest) -> None:

@@ -21,6 +21,7 @@ from vlmserve.frontend.generation import (
 )
 from vlmserve.frontend.media_fetch import load_images
 from vlmserve.frontend.output import ChoiceOutput, OutputDelta
+from vlmserve.frontend.prompt_logprobs import requested
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
     AssistantMessage,
@@ -145,7 +146,7 @@ class ChatCompletionsResource:
         if body.stream:
             resp.sse = self.stream(body, deltas, reply_id, created, len(prompt_ids))
         else:
-            answer = await self.collect(body, deltas, reply_id, created, len(prompt_ids))
+            answer = await self.collect(body, deltas, reply_id, created, prompt_ids)
             resp.data = encoder.encode(answer)
             resp.content_type = falcon.MEDIA_JSON
 
@@ -155,7 +156,7 @@ class ChatCompletionsResource:
         deltas: AsyncIterator[ChoiceDelta],
         reply_id: str,
         created: int,
-        prompt_len: int,
+        prompt_ids: list[int],
     ) -> ChatCompletion:
         joined, cached = await collect_choices(deltas, body.n)
         choices = [
@@ -175,7 +176,10 @@ class ChatCompletionsResource:
             created=created,
             model=self.state.model_name,
             choices=choices,
-            usage=make_usage(prompt_len, completion, cached),
+            usage=make_usage(len(prompt_ids), completion, cached),
+            prompt_logprobs=requested(
+                self.state.token_texts, body.prompt_logprobs, prompt_ids, joined[0].prompt_logprobs
+            ),
         )
 
     async def stream(

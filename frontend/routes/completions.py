@@ -18,6 +18,7 @@ from vlmserve.frontend.generation import (
     collect_choices,
     generate_choices,
 )
+from vlmserve.frontend.prompt_logprobs import echoed_part, end_offset, joined, requested
 from vlmserve.frontend.routes.chat import encoder, sse
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
@@ -29,7 +30,7 @@ from vlmserve.frontend.schemas import (
 )
 from vlmserve.frontend.state import FrontendState
 from vlmserve.frontend.validation import completion_prompts, decode_request
-from vlmserve.shared.messages import TokenLogprob
+from vlmserve.shared.messages import PromptLogprobs, TokenLogprob
 
 
 def completion_logprobs(
@@ -65,8 +66,6 @@ class CompletionsResource:
         state = self.state
         body = decode_request(await state.read_body(req), CompletionRequest)
         state.check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise bad_request("`echo` with `logprobs` needs prompt logprobs, not served", "echo")
         prompts = await self.tokenize(completion_prompts(body))
         vocab = len(state.prompter.tokenizer)
         if any(t < 0 or t >= vocab for p in prompts for t in p):
@@ -88,13 +87,10 @@ class CompletionsResource:
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,
             choices=[],
         )  # fmt: skip
-        prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
-            resp.sse = self.stream(body, deltas, reply, echoes, prompt_tokens)
+            resp.sse = self.stream(body, deltas, reply, echoes, prompts)
         else:
-            resp.data = encoder.encode(
-                await self.collect(body, deltas, reply, echoes, prompt_tokens)
-            )
+            resp.data = encoder.encode(await self.collect(body, deltas, reply, echoes, prompts))
             resp.content_type = falcon.MEDIA_JSON
 
     async def collect(
@@ -103,20 +99,27 @@ class CompletionsResource:
         deltas: AsyncIterator[ChoiceDelta],
         reply: Completion,
         echoes: list[str],
-        prompt_tokens: int,
+        prompts: list[list[int]],
     ) -> Completion:
-        joined, cached = await collect_choices(deltas, len(echoes) * body.n)
+        choices, cached = await collect_choices(deltas, len(echoes) * body.n)
+        texts = self.state.token_texts
         reply.choices = []
-        for i, c in enumerate(joined):
-            echo = echoes[i // body.n]
+        for i, c in enumerate(choices):
+            echo, prompt = echoes[i // body.n], prompts[i // body.n]
+            scores = choices[i - i % body.n].prompt_logprobs  # the prompt's first choice has them
             lps = None
             if body.logprobs is not None:
-                lps = completion_logprobs(self.state, c.token_ids, c.logprobs, len(echo))
+                head = echoed_part(texts, body, prompt, scores)
+                offset = end_offset(head) if head else len(echo)
+                lps = completion_logprobs(self.state, c.token_ids, c.logprobs, offset)
+                lps = joined(head, lps) if head else lps
             choice = CompletionChoice(
-                text=echo + c.output.content, index=i, logprobs=lps, finish_reason=c.finish_reason
-            )
+                text=echo + c.output.content, index=i, logprobs=lps, finish_reason=c.finish_reason,
+                prompt_logprobs=requested(texts, body.prompt_logprobs, prompt, scores),
+            )  # fmt: skip
             reply.choices.append(choice)
-        reply.usage = make_usage(prompt_tokens, sum(len(c.token_ids) for c in joined), cached)
+        prompt_tokens = sum(len(p) for p in prompts)
+        reply.usage = make_usage(prompt_tokens, sum(len(c.token_ids) for c in choices), cached)
         return reply
 
     async def stream(
@@ -125,11 +128,14 @@ class CompletionsResource:
         deltas: AsyncIterator[ChoiceDelta],
         reply: Completion,
         echoes: list[str],
-        prompt_tokens: int,
+        prompts: list[list[int]],
     ) -> AsyncIterator[SSEvent]:
         count = len(echoes) * body.n
         offsets = [len(echoes[i // body.n]) for i in range(count)]
         echoed = [not body.echo] * count
+        # Each prompt's scores, from its first choice's first delta: that choice starts
+        # first, and the prompt's other choices only once it has them (generate_choices).
+        scores: dict[int, PromptLogprobs] = {}
         completion, cached = 0, 0
         try:
             async with aclosing(deltas) as events:
@@ -138,14 +144,21 @@ class CompletionsResource:
                     cached = max(cached, d.num_cached_tokens)
                     # Completions have no reasoning or tool calls: their parser is plain text.
                     text = d.output.content
+                    p = d.index // body.n
+                    if d.prompt_logprobs is not None:
+                        scores[p] = d.prompt_logprobs
+                    head = None
                     if not echoed[d.index]:
-                        text = echoes[d.index // body.n] + text
+                        text = echoes[p] + text
+                        head = echoed_part(self.state.token_texts, body, prompts[p], scores.get(p))
+                        offsets[d.index] = end_offset(head) if head else offsets[d.index]
                     echoed[d.index] = True
                     lps = None
                     if body.logprobs is not None:
                         lps = completion_logprobs(
                             self.state, d.token_ids, d.logprobs or [], offsets[d.index]
                         )
+                        lps = joined(head, lps) if head else lps
                     if lps is not None and lps.tokens:
                         offsets[d.index] = lps.text_offset[-1] + len(lps.tokens[-1])
                     reply.choices = [
@@ -156,7 +169,7 @@ class CompletionsResource:
                     yield sse(reply)
             if body.stream_options and body.stream_options.include_usage:
                 reply.choices = []
-                reply.usage = make_usage(prompt_tokens, completion, cached)
+                reply.usage = make_usage(sum(len(p) for p in prompts), completion, cached)
                 yield sse(reply)
             yield SSEvent(data=b"[DONE]")
         except APIError as err:  # the stream has begun: report the error in it, then close
