@@ -147,10 +147,16 @@ def _text_family(arch: str) -> tuple[type, type, dict, list[str], str | None, st
             dict(tie_word_embeddings=True, rope_theta=1000000.0),
             chatml_special, None, "<|im_end|>", CHATML_TEMPLATE,
         )  # fmt: skip
-    raise ValueError(f"unknown --arch {arch!r}; choose llama, qwen2 or mistral")
+    if arch == "qwen3":  # a head_dim of its own, as Qwen3's (not hidden_size / heads)
+        return (
+            transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+            dict(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32),
+            chatml_special, None, "<|im_end|>", CHATML_TEMPLATE,
+        )  # fmt: skip
+    raise ValueError(f"unknown --arch {arch!r}; choose llama, qwen2, qwen3 or mistral")
 
 
-ARCHES = ("llama", "qwen2", "mistral")
+ARCHES = ("llama", "qwen2", "mistral", "qwen3")
 
 
 def build_checkpoint(

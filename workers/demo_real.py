@@ -78,6 +78,12 @@ def shrink_vision(vision: dict, text_hidden: int, model_type: str) -> dict:
             depth=2, num_heads=2, hidden_size=32, intermediate_size=64,
             out_hidden_size=text_hidden, fullatt_block_indexes=[1],
         )  # fmt: skip
+    if model_type == "qwen3_vl":  # every DeepStack level kept, taken after a shrunk layer
+        levels = len(vision.get("deepstack_visual_indexes", []))
+        return out | dict(
+            depth=levels + 1, num_heads=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=text_hidden, deepstack_visual_indexes=list(range(1, levels + 1)),
+        )  # fmt: skip
     if model_type == "qwen2_vl":  # embed_dim inside; hidden_size is the merger's output
         return out | dict(depth=2, num_heads=2, embed_dim=32, hidden_size=text_hidden)
     if vision.get("model_type", "clip_vision_model") == "clip_vision_model":
