@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from vlmserve.scheduler.admission import QueueLimits
 from vlmserve.scheduler.scheduler import Scheduler
 from vlmserve.shared.config import Config
 from vlmserve.shared.logs import setup_logging
@@ -46,6 +47,7 @@ from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 
 STATUS_EVERY_S = 0.5
+EXPIRE_EVERY_S = 0.1
 
 log = logging.getLogger("vlmserve.scheduler")
 
@@ -234,9 +236,14 @@ class SchedulerService:
             session_len=session_len,
             eos_token_ids=info.eos_token_ids,
             seed=self.config.seed,
+            limits=QueueLimits(
+                self.config.max_queued_requests,
+                self.config.max_queued_tokens,
+                self.config.queue_timeout,
+            ),
         )
         log.info("engine ready: %d KV blocks, session length %d", num_blocks, session_len)
-        next_status = 0.0
+        next_status = next_expiry = 0.0
         while not self.stopping:
             idle = self.in_flight is None and not self.scheduler.has_unfinished
             events = dict(self.poller.poll(50 if idle or self.in_flight else 0))
@@ -245,6 +252,9 @@ class SchedulerService:
                     self.handle_worker(self.worker_codec.decode(self.results.recv()))
             self.drain_requests()
             self.check_liveness(self.config.worker_timeout)
+            if time.monotonic() >= next_expiry:  # --queue-timeout, checked a few times a second
+                self.publish_outputs(self.scheduler.expire(time.monotonic()))
+                next_expiry = time.monotonic() + EXPIRE_EVERY_S
             if self.in_flight is None:
                 self.start_step()
             if time.monotonic() >= next_status:

@@ -43,6 +43,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     images: list[ImageMeta] = field(default_factory=list)
     image_frames: list = field(default_factory=list)  # raw array frames, sent on each admission
+    arrived_at: float = 0.0  # time.monotonic() when the scheduler took it
 
     @property
     def num_tokens(self) -> int:

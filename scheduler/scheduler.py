@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from vlmserve.scheduler.admission import QueueLimits, timeout_message
 from vlmserve.scheduler.block_manager import BlockManager
 from vlmserve.scheduler.request import Request, RequestStatus
 from vlmserve.shared.messages import (
@@ -78,6 +80,7 @@ class Scheduler:
         session_len: int,
         eos_token_ids: list[int] | set[int] | tuple[int, ...],
         seed: int = 0,
+        limits: QueueLimits | None = None,
     ) -> None:
         if max_batched_tokens < max_batch_size:
             # Otherwise decodes past the budget would starve behind older ones every step.
@@ -92,6 +95,7 @@ class Scheduler:
         # rather than preempting itself forever.
         self.max_kv_tokens = num_blocks * block_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.limits = limits or QueueLimits()  # no caps, no queue timeout
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; the last is the newest
         self._requests: dict[str, Request] = {}
@@ -133,6 +137,11 @@ class Scheduler:
             return RequestOutput(
                 submit.request_id, [], finish_reason=ERROR, error=error, rejected=True
             )
+        busy = self.limits.refusal(self.waiting, len(submit.token_ids))
+        if busy is not None:
+            return RequestOutput(
+                submit.request_id, [], finish_reason=ERROR, error=busy, overloaded=True
+            )
         sp = submit.sampling
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
         req = Request(
@@ -145,6 +154,7 @@ class Scheduler:
             extra_keys=image_block_keys(submit.images, self.block_manager.block_size),
             images=list(submit.images),
             image_frames=list(image_frames or []),
+            arrived_at=time.monotonic(),
         )
         self._requests[req.request_id] = req
         self.waiting.append(req)
@@ -178,6 +188,18 @@ class Scheduler:
         else:
             self.running.remove(req)
         self._finish(req)
+
+    def expire(self, now: float) -> dict[str, list[RequestOutput]]:
+        """Abort the requests past --queue-timeout without a first token; their outputs."""
+        outputs: dict[str, list[RequestOutput]] = {}
+        for req in self.limits.expired(self._requests.values(), now):
+            error = timeout_message(now - req.arrived_at, self.limits.timeout_s)
+            out = RequestOutput(
+                req.request_id, [], finish_reason=ERROR, error=error, overloaded=True
+            )
+            outputs.setdefault(req.frontend_id, []).append(out)
+            self.abort(req.request_id)
+        return outputs
 
     # ---- planning ----------------------------------------------------------------------------
 

@@ -144,6 +144,9 @@ class RequestOutput(msgspec.Struct, **HOT):
     error: str | None = None
     num_cached_tokens: int = 0
     rejected: bool = False  # the request itself can never run here (a 400, not a 503)
+    # The engine is too busy to take it (a full queue) or to start it in time (queue
+    # timeout): a 503 with Retry-After, which the client may retry.
+    overloaded: bool = False
     prompt_logprobs: PromptLogprobs | None = None
 
 
