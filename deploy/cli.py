@@ -95,7 +95,7 @@ def run_frontend(argv: list[str]) -> int:
     args = _config_parser("frontend", "Run the HTTP frontends (Gunicorn).").parse_args(argv)
     config = process_config(args)
     config.address("requests")  # fail now, not in every worker, if the run id is missing
-    setup_logging("frontend", config.log_level)
+    setup_logging("frontend", config.log_level, config.log_format)
     checked_sampling_defaults(config, log=True)  # once per server, not once per worker
     os.environ.update(config_to_env(config))
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:vlmserve.deploy.gunicorn_conf"]
@@ -125,7 +125,7 @@ def run_serve(argv: list[str]) -> int:
     parser.add_argument("model", help="local checkpoint directory or Hugging Face hub id")
     add_config_flags(parser, skip=("model", "rank"))
     args = parser.parse_args(argv[1:])
-    log = setup_logging("launcher", args.log_level)
+    log = setup_logging("launcher", args.log_level, args.log_format)
     config = process_config(args, run_id=args.run_id or new_run_id())
     checked_sampling_defaults(config, log=False)  # before any process starts
     stopping = []

@@ -12,8 +12,10 @@ import falcon.asgi
 from vlmserve.frontend.detokenizer import TokenTexts
 from vlmserve.frontend.errors import invalid_api_key, register_error_handlers
 from vlmserve.frontend.media_fetch import make_client
+from vlmserve.frontend.metrics import FrontendMetrics
 from vlmserve.frontend.openapi import STATIC_DIR
 from vlmserve.frontend.prompts import Prompter
+from vlmserve.frontend.request_log import RequestRecorder
 from vlmserve.frontend.routes.chat import ChatCompletionsResource
 from vlmserve.frontend.routes.completions import CompletionsResource
 from vlmserve.frontend.routes.info import (
@@ -104,7 +106,9 @@ def create_app(config: Config) -> falcon.asgi.App:
         vocab_size=model_vocab_size(config.model),
     )
     auth = ApiKeyAuth(config.api_keys)
-    app = falcon.asgi.App(middleware=[SchedulerConnection(state), auth])
+    metrics = FrontendMetrics(config.served_name, session_len, state.scheduler)
+    recorder = RequestRecorder(metrics, prompter.tokenizer, config.log_requests)
+    app = falcon.asgi.App(middleware=[SchedulerConnection(state), recorder, auth])
     register_error_handlers(app)
     app.add_route("/v1/models", ModelsResource(state))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(state))
@@ -113,7 +117,7 @@ def create_app(config: Config) -> falcon.asgi.App:
     app.add_route("/tokenize", TokenizeResource(state))
     app.add_route("/detokenize", DetokenizeResource(state))
     app.add_route("/health", HealthResource(state))
-    app.add_route("/metrics", MetricsResource(state))
+    app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource(state, secured=bool(auth.keys)))
     docs = DocsResource()
     app.add_route("/", docs)

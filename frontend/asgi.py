@@ -8,5 +8,5 @@ from vlmserve.shared.config import config_from_env
 from vlmserve.shared.logs import setup_logging
 
 _config = config_from_env()
-setup_logging("frontend", _config.log_level)
+setup_logging("frontend", _config.log_level, _config.log_format)
 app = create_app(_config)

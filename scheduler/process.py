@@ -67,6 +67,8 @@ class StepStats:
     steps: int = 0
     scheduler_s: float = 0.0
     step_s: float = 0.0
+    encoder_cache_queries: int = 0  # rank 0's latest cumulative counts (StepResult)
+    encoder_cache_hits: int = 0
 
 
 class SchedulerService:
@@ -120,6 +122,13 @@ class SchedulerService:
             preemptions=s.num_preemptions if s else 0,
             scheduler_s=self.stats.scheduler_s,
             step_s=self.stats.step_s,
+            total_blocks=s.block_manager.num_blocks if s else 0,
+            prefix_cache_queries=s.prefix_cache_queries if s else 0,
+            prefix_cache_hits=s.prefix_cache_hits if s else 0,
+            encoder_cache_queries=self.stats.encoder_cache_queries,
+            encoder_cache_hits=self.stats.encoder_cache_hits,
+            queue_time_counts=list(s.queue_time_counts) if s else [],
+            queue_time_sum=s.queue_time_sum if s else 0.0,
         )
         self.tokens.send_multipart([STATUS_TOPIC, self.engine_codec.encode(status)])
 
@@ -220,6 +229,8 @@ class SchedulerService:
         received = time.perf_counter()
         self.stats.step_s += received - (self.in_flight or received)
         self.stats.steps += 1
+        self.stats.encoder_cache_queries = result.encoder_cache_queries
+        self.stats.encoder_cache_hits = result.encoder_cache_hits
         self.in_flight = None
         self.publish_outputs(self.scheduler.update(result))
         self.stats.scheduler_s += time.perf_counter() - received
@@ -292,7 +303,7 @@ class SchedulerService:
 
 def serve(config: Config) -> int:
     """Run the scheduler; 0 after SIGINT/SIGTERM, 1 when a worker is lost."""
-    setup_logging("scheduler", config.log_level)
+    setup_logging("scheduler", config.log_level, config.log_format)
     service = SchedulerService(config)
     log.info(
         "scheduler pid %d: model %s, tp %d, requests %s, tokens %s, results %s, block size %d, "

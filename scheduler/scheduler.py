@@ -8,6 +8,7 @@ admitted while the budget, the batch size and the free blocks allow.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 import time
@@ -21,6 +22,7 @@ from vlmserve.scheduler.request import Request, RequestStatus
 from vlmserve.shared.messages import (
     ERROR,
     LENGTH,
+    QUEUE_TIME_BUCKETS,
     STOP,
     ImageMeta,
     NewSeq,
@@ -106,6 +108,13 @@ class Scheduler:
         self._seq_ids = itertools.count()
         self._rng = random.Random(seed)
         self.num_preemptions = 0  # since start, for status and benchmarks
+        # Prefix cache since start, in prompt tokens (vLLM's prefix_cache_queries / _hits):
+        # the tokens each admission looked up and those the cache already held.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        # Queue time (receipt to first admission) per QUEUE_TIME_BUCKETS bucket, and its sum.
+        self.queue_time_counts = [0] * (len(QUEUE_TIME_BUCKETS) + 1)
+        self.queue_time_sum = 0.0
 
     # ---- status ------------------------------------------------------------------------------
 
@@ -293,9 +302,16 @@ class Scheduler:
         req.num_hashed_blocks = len(cached)
         if req.num_preemptions == 0:
             req.num_cached_tokens = num_cached
+            self._observe_queue_time(time.monotonic() - req.arrived_at)
+        self.prefix_cache_queries += req.num_tokens
+        self.prefix_cache_hits += num_cached
         req.seq_id = next(self._seq_ids)
         req.status = RequestStatus.RUNNING
         return n
+
+    def _observe_queue_time(self, seconds: float) -> None:
+        self.queue_time_counts[bisect.bisect_left(QUEUE_TIME_BUCKETS, seconds)] += 1
+        self.queue_time_sum += seconds
 
     def _step(self, req: Request, n: int, known: bool) -> SeqStep:
         """This step's SeqStep for `req`; advances its computed and sent counters."""

@@ -54,6 +54,10 @@ HELP: dict[str, str] = {
     "ready",
     "seed": "seed for requests that bring none",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text (human-readable lines) or json (one JSON object per line, for log "
+    "shippers); every process, gunicorn's own lines included",
+    "log_requests": "put each request's prompt text in its completion log line (off: never "
+    "logged)",
     "server_name": "address the HTTP server binds",
     "server_port": "port the HTTP server binds",
     "frontend_workers": "number of Gunicorn worker processes (frontends)",
@@ -116,6 +120,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     worker_startup_timeout: float = 900.0
     seed: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"
+    log_requests: bool = False
     server_name: str = "0.0.0.0"
     server_port: int = 23333
     frontend_workers: int = 1
@@ -167,6 +173,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 "--dtype must be auto, float32, bfloat16 or float16",
             ),
             (self.frontend_workers >= 1, "--frontend-workers must be at least 1"),
+            (self.log_format in ("text", "json"), "--log-format must be text or json"),
             (self.worker_startup_timeout > 0, "--worker-startup-timeout must be positive"),
             (self.start_timeout > 0, "--start-timeout must be positive"),
             (self.max_queued_requests >= 0, "--max-queued-requests must be 0 (off) or more"),
@@ -218,10 +225,13 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             continue
         env = os.environ.get(ENV_PREFIX + field.name.upper())
         default = getattr(defaults, field.name) if env is None else env
+        # A bool flag alone means true (`--log-requests`); `--log-requests false` also works.
+        flag = {"nargs": "?", "const": "true"} if field.type is bool else {}
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             default=default,
+            **flag,
             help=f"{HELP[field.name]} (env {ENV_PREFIX}{field.name.upper()})",
         )
 

@@ -175,7 +175,24 @@ class EngineStatus(msgspec.Struct, tag=True, **HOT):
     preemptions: int = 0
     scheduler_s: float = 0.0
     step_s: float = 0.0
+    # For /metrics: the cache size, and cumulative prefix-cache and (rank 0's) encoder-cache
+    # lookups and hits; prefix ones in tokens as vLLM counts them, encoder ones in images.
+    total_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    encoder_cache_queries: int = 0
+    encoder_cache_hits: int = 0
+    # Seconds from the scheduler's receipt of each request to its first admission: how many
+    # fell in each of QUEUE_TIME_BUCKETS (then one count past the last), and their sum.
+    queue_time_counts: list[int] = []
+    queue_time_sum: float = 0.0
 
+
+# vLLM's request-latency buckets (request_queue_time_seconds), in seconds.
+QUEUE_TIME_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
 
 EngineMsg = TokenBatch | HelloAck | EngineStatus
 STATUS_TOPIC = b"~status"
@@ -250,6 +267,10 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     # Sequences left out of the step because their own input failed (an image the vision
     # tower could not encode), with the reason: they end alone, the others go on.
     failed: dict[int, str] = {}
+    # Rank 0's encoder cache since it started (images looked up, images found): cumulative,
+    # so the scheduler keeps the latest.
+    encoder_cache_queries: int = 0
+    encoder_cache_hits: int = 0
     # Sequences that asked for prompt logprobs and sampled their first token in this step.
     prompt_logprobs: dict[int, PromptLogprobs] = {}
 

@@ -63,13 +63,18 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.2):  # noqa:
 
 
 def metrics(url: str) -> dict[str, float]:
-    """The server's /metrics gauges by name."""
+    """The server's /metrics samples: each series by its name with labels (`name{a="b"}`),
+    and each name alone with the sum of its series (buckets excepted)."""
     text = httpx.get(url + "/metrics", timeout=5).text
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("vlmserve_"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+        if not line or line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        values[series] = float(value)
+        name = series.split("{", 1)[0]
+        if "{" in series and not name.endswith("_bucket"):
+            values[name] = values.get(name, 0.0) + float(value)
     return values
 
 

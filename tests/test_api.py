@@ -300,12 +300,12 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(client: openai.OpenAI, sr
     for i, _ in enumerate(stream):
         if i == 3:
             break
-    wait_for(lambda: metrics(url)["vlmserve_num_requests_running"] >= 1, 10, "it to run")
+    wait_for(lambda: metrics(url)["vlmserve:num_requests_running"] >= 1, 10, "it to run")
     stream.close()  # the client goes away mid-stream
     wait_for(
         lambda: (
-            metrics(url)["vlmserve_num_requests_running"] == 0
-            and metrics(url)["vlmserve_kv_free_blocks"] == total
+            metrics(url)["vlmserve:num_requests_running"] == 0
+            and metrics(url)["vlmserve:kv_cache_free_blocks"] == total
         ),
         10,
         "the aborted request to free its blocks",

@@ -168,10 +168,10 @@ def test_leaving_a_stream_early_aborts_the_request(client: APIClient, srv: dict)
     for i, _ in enumerate(stream):
         if i == 3:
             break
-    wait_for(lambda: metrics(srv["url"])["vlmserve_num_requests_running"] >= 1, 5, "it to run")
+    wait_for(lambda: metrics(srv["url"])["vlmserve:num_requests_running"] >= 1, 5, "it to run")
     stream.close()
     wait_for(
-        lambda: metrics(srv["url"])["vlmserve_num_requests_running"] == 0,
+        lambda: metrics(srv["url"])["vlmserve:num_requests_running"] == 0,
         10,
         "the server to abort the request",
     )
@@ -358,14 +358,14 @@ def test_terminal_chat_ctrl_c_stops_an_answer_and_ctrl_d_quits(srv: dict) -> Non
         chat.sendline("Tell me a long story")
         chat.expect_exact("assistant> ")
         wait_for(
-            lambda: metrics(srv["url"])["vlmserve_num_requests_running"] >= 1,
+            lambda: metrics(srv["url"])["vlmserve:num_requests_running"] >= 1,
             10,
             "the answer to be generating",
         )
         chat.sendintr()
         chat.expect_exact("finish: stopped by you]")
         wait_for(
-            lambda: metrics(srv["url"])["vlmserve_num_requests_running"] == 0,
+            lambda: metrics(srv["url"])["vlmserve:num_requests_running"] == 0,
             10,
             "the server to abort the stopped answer",
         )

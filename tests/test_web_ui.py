@@ -214,13 +214,13 @@ def test_stop_ends_the_stream_and_the_server_aborts(page, srv: dict) -> None:  #
     settings(page, "0", "1500")
     answer = send(page, "Tell me a long story")
     expect(answer.locator(".content")).not_to_be_empty(timeout=STREAM_TIMEOUT_MS)
-    wait_for(lambda: metrics(url)["vlmserve_num_requests_running"] >= 1, 10, "it to run")
+    wait_for(lambda: metrics(url)["vlmserve:num_requests_running"] >= 1, 10, "it to run")
     assert answer.get_attribute("data-state") == "streaming", "the answer ended by itself"
     page.get_by_role("button", name="Stop").click()
     expect(answer).to_have_attribute("data-state", "stopped")
     expect(page.get_by_role("button", name="Stop")).to_be_disabled()
     wait_for(
-        lambda: metrics(url)["vlmserve_num_requests_running"] == 0,
+        lambda: metrics(url)["vlmserve:num_requests_running"] == 0,
         10,
         "the server to abort the stopped request",
     )

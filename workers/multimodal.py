@@ -48,10 +48,14 @@ class EncoderCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes = 0
+        self.queries = 0  # lookups and hits since start, for the encoder-cache hit rate
+        self.hits = 0
 
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
+        self.queries += 1
         if value is not None:
+            self.hits += 1
             self.entries.move_to_end(key)
         return value
 

@@ -96,7 +96,7 @@ def heartbeat_loop(ctx: zmq.Context, config: Config, stop: threading.Event) -> N
 
 def serve(config: Config) -> int:
     """Run until told to shut down (0), stopped by a signal (0), or something fails (1)."""
-    log = setup_logging(f"worker{config.rank}", config.log_level)
+    log = setup_logging(f"worker{config.rank}", config.log_level, config.log_format)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
     device = pick_device(config)
@@ -147,6 +147,9 @@ def serve(config: Config) -> int:
                 case StepPlan():
                     result = runner.execute(msg, frames)
                     if config.rank == 0:
+                        if runner.images is not None:
+                            result.encoder_cache_queries = runner.images.cache.queries
+                            result.encoder_cache_hits = runner.images.cache.hits
                         results.send(codec.encode(result))
                 case Shutdown(reason=reason):
                     log.info("shutting down: %s", reason)

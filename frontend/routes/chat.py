@@ -21,6 +21,7 @@ from vlmserve.frontend.generation import (
 )
 from vlmserve.frontend.media_fetch import load_images
 from vlmserve.frontend.output import ChoiceOutput, OutputDelta
+from vlmserve.frontend.request_log import request_record
 from vlmserve.frontend.prompt_logprobs import requested
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
@@ -127,10 +128,13 @@ class ChatCompletionsResource:
         urls = image_urls(body.messages)
         if urls and state.prompter.images is None:
             raise bad_request("this model does not accept images", "messages")
+        record = request_record(req)
+        started = time.perf_counter()
         images = await load_images(urls, state.config, state.http) if urls else []
         prompt_ids, processed = await state.off_loop(
             state.prompter.chat_inputs, body.messages, images
         )
+        record.images_ready(len(urls), time.perf_counter() - started)
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
         tokenizer = state.prompter.tokenizer
@@ -142,7 +146,9 @@ class ChatCompletionsResource:
         prompt = EnginePrompt.with_images(prompt_ids, processed)
         options = TextOptions.of(body)
         deltas = generate_choices(state.scheduler, tokenizer, [prompt], sampling, body.n, options)
+        deltas = record.watch([prompt], body.n, deltas)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        record.id = reply_id
         if body.stream:
             resp.sse = self.stream(body, deltas, reply_id, created, len(prompt_ids))
         else:

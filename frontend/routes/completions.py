@@ -19,6 +19,7 @@ from vlmserve.frontend.generation import (
     generate_choices,
 )
 from vlmserve.frontend.prompt_logprobs import echoed_part, end_offset, joined, requested
+from vlmserve.frontend.request_log import request_record
 from vlmserve.frontend.routes.chat import encoder, sse
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
@@ -82,11 +83,14 @@ class CompletionsResource:
         deltas = generate_choices(
             state.scheduler, tokenizer, engine_prompts, sampling, body.n, text
         )
+        record = request_record(req)
+        deltas = record.watch(engine_prompts, body.n, deltas)
         echoes = [state.prompter.tokenizer.decode(p) if body.echo else "" for p in prompts]
         reply = Completion(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,
             choices=[],
         )  # fmt: skip
+        record.id = reply.id
         if body.stream:
             resp.sse = self.stream(body, deltas, reply, echoes, prompts)
         else:

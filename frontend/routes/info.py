@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import falcon.asgi
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from vlmserve.frontend.errors import service_unavailable
+from vlmserve.frontend.metrics import FrontendMetrics
 from vlmserve.frontend.openapi import DOCS_PAGE, openapi_spec
 from vlmserve.frontend.schemas import ModelCard, ModelList
 from vlmserve.frontend.state import FrontendState
@@ -59,27 +60,12 @@ class DocsResource:
 
 
 class MetricsResource:
-    """Prometheus text format: the engine's latest status, as this frontend last heard it."""
+    """Prometheus text format: every frontend worker's request metrics, added up, and the
+    engine's latest status (see frontend/metrics.py)."""
 
-    def __init__(self, state: FrontendState) -> None:
-        self.state = state
-        self.registry = CollectorRegistry()
-        gauge = lambda name, text: Gauge(f"vlmserve_{name}", text, registry=self.registry)  # noqa: E731
-        self.gauges = {
-            "workers_alive": gauge("engine_alive", "1 while the scheduler and workers run"),
-            "num_running": gauge("num_requests_running", "sequences in the running batch"),
-            "num_waiting": gauge("num_requests_waiting", "sequences waiting for KV blocks"),
-            "free_blocks": gauge("kv_free_blocks", "free KV cache blocks"),
-            "steps": gauge("engine_steps", "engine steps since start"),
-            "preemptions": gauge("preemptions", "preemptions since start"),
-        }
+    def __init__(self, metrics: FrontendMetrics) -> None:
+        self.metrics = metrics
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        status = self.state.scheduler.status
-        for field, gauge in self.gauges.items():
-            if field == "workers_alive":
-                gauge.set(1 if self.state.scheduler.alive else 0)
-            else:
-                gauge.set(getattr(status, field) if status is not None else 0)
-        resp.data = generate_latest(self.registry)
+        resp.data = self.metrics.exposition()
         resp.content_type = CONTENT_TYPE_LATEST
