@@ -31,10 +31,12 @@ class DeepstackVisionEncoder(VisionEncoder):
 
 class Qwen3VLTextForCausalLM(Qwen3ForCausalLM):
     """transformers' Qwen3-VL text model interleaves the multimodal RoPE whatever its config
-    says (Qwen2-VL's runs of frequencies are never used)."""
+    says (Qwen2-VL's runs of frequencies are never used), with sections [24, 20, 20] unless
+    the config names others."""
 
     def __init__(self, config: Any) -> None:
-        config.rope_parameters = {**rope_parameters(config), "mrope_interleaved": True}
+        params = {"mrope_section": [24, 20, 20], **rope_parameters(config)}
+        config.rope_parameters = {**params, "mrope_interleaved": True}
         super().__init__(config)
 
 
