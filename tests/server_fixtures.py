@@ -78,6 +78,16 @@ def metrics(url: str) -> dict[str, float]:
     return values
 
 
+def labelled(m: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of `name`'s series that carry all of `labels` (in any order)."""
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    return sum(
+        value
+        for series, value in m.items()
+        if series.startswith(name + "{") and wanted <= set(series[len(name) + 1 : -1].split(","))
+    )
+
+
 class ChatReference:
     """What transformers generates greedily for a chat, tokenized as the model's processor does
     (the tokenizer's own BOS, then the rendered template)."""

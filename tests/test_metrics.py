@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_fixtures import local_config, metrics, wait_for
+from server_fixtures import labelled, local_config, metrics, wait_for
 from vlm_reference import data_url
 
 from vlmserve.deploy.launcher import server
@@ -44,16 +44,6 @@ LISTED = [  # the issue's list, with the suffixes Prometheus gives counters and 
 
 def scrape(url: str) -> dict[str, float]:
     return metrics(url)  # a new connection each time: either frontend worker may answer
-
-
-def labelled(m: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of `name`'s series that carry all of `labels` (in any order)."""
-    wanted = {f'{k}="{v}"' for k, v in labels.items()}
-    return sum(
-        value
-        for series, value in m.items()
-        if series.startswith(name + "{") and wanted <= set(series[len(name) + 1 : -1].split(","))
-    )
 
 
 def chat_body(content: object, **extra: object) -> dict:
