@@ -17,7 +17,7 @@ import torch
 import transformers
 from server_fixtures import ChatReference, local_config
 
-from vlmserve.deploy.launcher import server
+from vlmserve.deploy.launcher import scheduler_and_workers, server
 from vlmserve.frontend.detokenizer import TokenTexts
 from vlmserve.frontend.offline import Finished, run_requests
 from vlmserve.shared.messages import PromptLogprobs, SamplingParams
@@ -239,3 +239,23 @@ def test_prompt_logprobs_on_completions_and_chat_through_the_openai_client(
         model=name, prompt=prompt, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
     )
     assert all("prompt_logprobs" not in c.model_dump(exclude_unset=True) for c in chunks)
+
+
+def test_prompt_logprobs_through_preemption(
+    checkpoints: dict, workdir: str, model: transformers.PreTrainedModel
+) -> None:
+    # 20 blocks of 16 tokens cannot hold six 60-token prompts and their 40 tokens each: the
+    # newest are preempted, some before their first token (they score their prompt again),
+    # some after it (they sent their prompt logprobs already).
+    rng = random.Random(5)
+    prompts = [random_prompt(60, rng) for _ in range(6)]
+    asked = SamplingParams(max_tokens=40, temperature=0.0, prompt_logprobs=2, ignore_eos=True)
+    settings = dict(max_batched_tokens=64, max_batch_size=8, num_kv_blocks=20)
+    with scheduler_and_workers(checkpoints["llama"], workdir, **settings) as eng:
+        results, status = run_requests(eng["config"], [(p, asked) for p in prompts])
+    assert status is not None and status.preemptions > 0, "the small cache was meant to preempt"
+    for i, (prompt, res) in enumerate(zip(prompts, results, strict=True)):
+        assert res.error is None and len(res.token_ids) == 40, res.error
+        assert res.prompt_logprobs is not None, f"prompt {i} got no prompt logprobs"
+        assert_matches(f"preempted prompt {i}", res.prompt_logprobs, prompt,
+                       hf_prompt_logprobs(model, prompt))  # fmt: skip
