@@ -18,12 +18,14 @@ _config = config_from_env()
 
 bind = f"{_config.server_name}:{_config.server_port}"
 workers = _config.frontend_workers
-worker_class = "asgi"
+# The asgi worker, draining on SIGTERM (deploy/gunicorn_worker.py).
+worker_class = "vlmserve.deploy.gunicorn_worker.DrainingWorker"
 asgi_loop = "uvloop"
 asgi_lifespan = "on"
 # Streams can stay open for minutes while tokens trickle out.
 timeout = 0
-graceful_timeout = 10
+# The master SIGKILLs workers this long after its SIGTERM: past their --drain-timeout.
+graceful_timeout = int(_config.drain_timeout) + 10
 keepalive = 75
 # Gunicorn's control socket has one fixed path per user: two servers on a host would clash.
 control_socket_disable = True

@@ -19,6 +19,9 @@ import msgspec
 
 from vlmserve.shared.config import Config, config_to_env, new_run_id
 
+# Past --drain-timeout, what a frontend may still need to end its last requests and exit.
+DRAIN_MARGIN_S = 15.0
+
 
 def spawn(role: str, config: Config, log_path: str | None = None) -> subprocess.Popen:
     """`vlmserve ROLE` in a child process reading `config` from its environment; its output
@@ -111,6 +114,8 @@ def server(config: Config, log_path: str | None = None) -> Iterator[dict]:
         wait_healthy(url, procs, timeout=config.start_timeout)
         yield {"url": url, "procs": procs, "config": config}
     finally:
-        # Frontends first, so nothing new arrives while the engine stops.
-        for name in ["frontend", *[n for n in procs if n != "frontend"]]:
+        # Frontends first: they drain (finish what they hold, 503 to anything new, for at
+        # most --drain-timeout), then the engine stops with nothing left in flight.
+        stop(procs["frontend"], timeout=config.drain_timeout + DRAIN_MARGIN_S)
+        for name in [n for n in procs if n != "frontend"]:
             stop(procs[name])

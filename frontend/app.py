@@ -9,6 +9,7 @@ import os
 
 import falcon.asgi
 
+from vlmserve.frontend.admission import Admission
 from vlmserve.frontend.detokenizer import TokenTexts
 from vlmserve.frontend.errors import invalid_api_key, register_error_handlers
 from vlmserve.frontend.media_fetch import make_client
@@ -92,7 +93,8 @@ def model_vocab_size(model_dir: str) -> int | None:
     return int(size) if size else None
 
 
-def create_app(config: Config) -> falcon.asgi.App:
+def create_app(config: Config) -> Admission:
+    """The Falcon app of one frontend process, inside its admission control (the ASGI app)."""
     info = read_model_info(config.model)
     session_len = model_session_len(config.session_len, info)
     prompter = Prompter(config.model, session_len)
@@ -124,4 +126,5 @@ def create_app(config: Config) -> falcon.asgi.App:
     app.add_route("/docs", docs)
     app.add_route("/ui", UIResource())
     app.add_static_route("/static", str(STATIC_DIR))
-    return app
+    limit, drain = config.max_concurrent_requests, config.drain_timeout
+    return Admission(app, limit, drain, cut=state.scheduler.fail_all)

@@ -112,6 +112,16 @@ def service_unavailable(message: str, retry_after_s: int = 1) -> APIError:
     )
 
 
+def request_timeout(timeout_s: float) -> APIError:
+    """408: the request ran past its `timeout` (or --request-timeout); nothing more comes."""
+    return APIError(
+        408,
+        f"The request did not finish within its timeout of {timeout_s:g} s.",
+        type="timeout_error",
+        code="request_timeout",
+    )
+
+
 # ---- msgspec errors as 400s ------------------------------------------------------------------
 
 # msgspec appends where it failed: "Expected `float` >= 0.0 - at `$.temperature`".

@@ -25,6 +25,7 @@ from vlmserve.frontend.output import (
     PlainText,
 )
 from vlmserve.frontend.prompts import ProcessedImage
+from vlmserve.frontend.request_timeout import RequestTimeout
 from vlmserve.frontend.sampling_params import stop_strings
 from vlmserve.frontend.scheduler_client import SchedulerClient
 from vlmserve.frontend.schemas import SamplingFields
@@ -160,6 +161,8 @@ async def _run_choice(
             if output.finish_reason == ERROR:
                 if output.rejected:
                     raise bad_request(output.error or "the engine refused the request")
+                if output.overloaded:  # a full queue or a queue timeout: retry later
+                    raise service_unavailable(output.error or "the server is overloaded")
                 raise EngineError(output.error or "the engine failed this request")
             answer, finish = pipeline.add(output.token_ids, output.finish_reason)
             delta = ChoiceDelta(
@@ -179,6 +182,7 @@ async def generate_choices(
     n: int,
     text: TextOptions,
     parser: Callable[[], OutputParser] = PlainText,
+    timeout: RequestTimeout | None = None,
 ) -> AsyncIterator[ChoiceDelta]:
     """Deltas of `n` choices of each prompt, as they come; choice j of prompt p has index
     p * n + j. Each choice's text goes through its own `parser()`. Closing the iterator early
@@ -212,7 +216,7 @@ async def generate_choices(
             task.add_done_callback(lambda t: queue.put_nowait(t))
         done = 0
         while done < len(tasks):
-            item = await queue.get()
+            item = await (timeout.wait(queue.get()) if timeout else queue.get())
             if isinstance(item, asyncio.Task):
                 done += 1
                 _raise_from(item)
@@ -222,6 +226,25 @@ async def generate_choices(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def first_delta(deltas: AsyncIterator[ChoiceDelta]) -> ChoiceDelta:
+    """Wait for the first delta before a stream begins, so that what ends a request before
+    any token (a full queue, a queue timeout, its timeout, a refusal) is the answer's HTTP
+    status rather than an event in a 200 stream. `deltas` is closed if it fails."""
+    try:
+        return await anext(deltas)
+    except BaseException:
+        await deltas.aclose()
+        raise
+
+
+async def prepend(first: ChoiceDelta, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator:
+    """`first`, then the rest of `deltas`; closing this closes `deltas`."""
+    async with aclosing(deltas) as rest:
+        yield first
+        async for delta in rest:
+            yield delta
 
 
 def _raise_from(task: asyncio.Task) -> None:

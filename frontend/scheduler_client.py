@@ -150,6 +150,10 @@ class SchedulerClient:
         self.expected_seq = None
         self.hello_task = asyncio.create_task(self._hello(None))
 
+    def fail_all(self, error: str) -> None:
+        """End every request this frontend waits for with `error` (a 503), aborting them."""
+        self._fail_all(error)
+
     def _fail_all(self, error: str) -> None:
         """End every request in flight with `error`, and abort them on the scheduler (which
         may still be running them) so their blocks are freed."""

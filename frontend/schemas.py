@@ -31,6 +31,15 @@ Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 NumChoices = Annotated[int, Meta(ge=1, le=16)]
 TopLogprobsCount = Annotated[int, Meta(ge=0, le=20)]
 LogitBias = dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]
+RequestTimeoutSeconds = Annotated[
+    float,
+    Meta(
+        gt=0.0,
+        le=604800.0,
+        description="seconds the request may take in all (default: the server's "
+        "--request-timeout); past it the answer is a 408 error (a stream's last event)",
+    ),
+]
 
 FinishReason = Literal["stop", "length"]
 ChatFinishReason = Literal["stop", "length", "tool_calls"]
@@ -135,6 +144,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
         ),
     ] = None
     include_stop_str_in_output: bool = False
+    timeout: RequestTimeoutSeconds | None = None
 
     def __post_init__(self) -> None:
         validation.check_sampling_fields(self)

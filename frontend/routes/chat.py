@@ -17,11 +17,14 @@ from vlmserve.frontend.generation import (
     EnginePrompt,
     TextOptions,
     collect_choices,
+    first_delta,
     generate_choices,
+    prepend,
 )
 from vlmserve.frontend.media_fetch import load_images
 from vlmserve.frontend.output import ChoiceOutput, OutputDelta
 from vlmserve.frontend.request_log import request_record
+from vlmserve.frontend.request_timeout import RequestTimeout
 from vlmserve.frontend.prompt_logprobs import requested
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
@@ -123,6 +126,7 @@ class ChatCompletionsResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         state = self.state
+        arrived = time.monotonic()  # the request's timeout counts from here
         body = decode_request(await state.read_body(req), ChatCompletionRequest)
         state.check_model(body.model)
         urls = image_urls(body.messages)
@@ -145,11 +149,15 @@ class ChatCompletionsResource:
             raise service_unavailable("the engine is not running")
         prompt = EnginePrompt.with_images(prompt_ids, processed)
         options = TextOptions.of(body)
-        deltas = generate_choices(state.scheduler, tokenizer, [prompt], sampling, body.n, options)
+        timeout = RequestTimeout.of(body.timeout, state.config.request_timeout, arrived)
+        deltas = generate_choices(
+            state.scheduler, tokenizer, [prompt], sampling, body.n, options, timeout=timeout
+        )
         deltas = record.watch([prompt], body.n, deltas)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         record.id = reply_id
         if body.stream:
+            deltas = prepend(await first_delta(deltas), deltas)  # errors before it: a status
             resp.sse = self.stream(body, deltas, reply_id, created, len(prompt_ids))
         else:
             answer = await self.collect(body, deltas, reply_id, created, prompt_ids)

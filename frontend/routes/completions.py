@@ -16,10 +16,13 @@ from vlmserve.frontend.generation import (
     EnginePrompt,
     TextOptions,
     collect_choices,
+    first_delta,
     generate_choices,
+    prepend,
 )
 from vlmserve.frontend.prompt_logprobs import echoed_part, end_offset, joined, requested
 from vlmserve.frontend.request_log import request_record
+from vlmserve.frontend.request_timeout import RequestTimeout
 from vlmserve.frontend.routes.chat import encoder, sse
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
@@ -65,6 +68,7 @@ class CompletionsResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         state = self.state
+        arrived = time.monotonic()  # the request's timeout counts from here
         body = decode_request(await state.read_body(req), CompletionRequest)
         state.check_model(body.model)
         prompts = await self.tokenize(completion_prompts(body))
@@ -80,8 +84,9 @@ class CompletionsResource:
             raise service_unavailable("the engine is not running")
         text = TextOptions.of(body)
         engine_prompts = [EnginePrompt(p) for p in prompts]
+        timeout = RequestTimeout.of(body.timeout, state.config.request_timeout, arrived)
         deltas = generate_choices(
-            state.scheduler, tokenizer, engine_prompts, sampling, body.n, text
+            state.scheduler, tokenizer, engine_prompts, sampling, body.n, text, timeout=timeout
         )
         record = request_record(req)
         deltas = record.watch(engine_prompts, body.n, deltas)
@@ -92,6 +97,7 @@ class CompletionsResource:
         )  # fmt: skip
         record.id = reply.id
         if body.stream:
+            deltas = prepend(await first_delta(deltas), deltas)  # errors before it: a status
             resp.sse = self.stream(body, deltas, reply, echoes, prompts)
         else:
             resp.data = encoder.encode(await self.collect(body, deltas, reply, echoes, prompts))
