@@ -42,7 +42,9 @@ def to_xgrammar(grammar: Grammar) -> xgrammar.Grammar:
     try:
         match grammar.kind:
             case "json_schema":
-                return xgrammar.Grammar.from_json_schema(grammar.spec, any_whitespace=False)
+                return _json_strings_fixed(
+                    xgrammar.Grammar.from_json_schema(grammar.spec, any_whitespace=False)
+                )
             case "json_object":
                 return xgrammar.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
             case "regex":
@@ -54,6 +56,22 @@ def to_xgrammar(grammar: Grammar) -> xgrammar.Grammar:
     except (RuntimeError, ValueError, TypeError) as exc:
         raise GrammarError(error_text(exc)) from None
     raise GrammarError(f"unknown grammar kind {grammar.kind!r}")
+
+
+# xgrammar 0.2.9 writes the characters of a string with minLength/maxLength as this class,
+# which lets raw control characters (U+0000-U+001F but \r and \n) into the string: JSON that
+# no parser accepts. Its unbounded strings use the right class; bounded ones get it here.
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+
+
+def _json_strings_fixed(built: xgrammar.Grammar) -> xgrammar.Grammar:
+    import xgrammar
+
+    text = str(built)
+    if _LOOSE_STRING_CHAR not in text:
+        return built
+    return xgrammar.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 def choice_ebnf(choices: list[str]) -> str:

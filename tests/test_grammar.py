@@ -79,9 +79,7 @@ def test_the_mask_is_xgrammars_own_and_replays_to_the_same_state(
     along, and both equal a matcher of xgrammar's compiled here from the schema directly."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=[2])
-    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(
-        json.dumps(SCHEMA), any_whitespace=False
-    )
+    compiled = xgrammar.GrammarCompiler(info).compile_grammar(to_xgrammar(JSON_SCHEMA))
     reference = xgrammar.GrammarMatcher(compiled)
     bitmask = xgrammar.allocate_token_bitmask(1, VOCAB)
     before = backend.compilations
@@ -106,6 +104,31 @@ def test_the_mask_is_xgrammars_own_and_replays_to_the_same_state(
     text = tokenizer.decode(tokens[len(prompt) : -1])
     assert set(json.loads(text)) == {"name", "tags", "n"}, text
     assert backend.compilations - before <= 1, "one schema is compiled once"
+
+
+def test_bounded_json_strings_take_no_raw_control_characters(
+    backend: GrammarBackend, model_dir: str
+) -> None:
+    """xgrammar's own grammar for a string with maxLength lets U+0000-U+001F in (JSON no
+    parser accepts); ours takes exactly those tokens out and nothing else."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=[2])
+    theirs = xgrammar.GrammarMatcher(
+        xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    )
+    opened = tokenizer.encode('{"name": "', add_special_tokens=False)
+    for token in opened:
+        assert theirs.accept_token(token)
+    bitmask = xgrammar.allocate_token_bitmask(1, VOCAB)
+    theirs.fill_next_token_bitmask(bitmask)
+    their_logits = torch.zeros(1, VOCAB)
+    xgrammar.apply_token_bitmask_inplace(their_logits, bitmask)
+    ours = allowed(mask(backend.processor_for(SamplingParams(grammar=JSON_SCHEMA)), opened, 0))
+    control = {
+        t for t in allowed(their_logits[0]) if any(ord(c) < 32 for c in tokenizer.decode([t]))
+    }
+    assert control, "the tiny vocabulary has control-character tokens"
+    assert set(ours) == set(allowed(their_logits[0])) - control
 
 
 def test_a_completed_grammar_allows_only_the_stop_tokens(
@@ -225,9 +248,8 @@ def hf_constrained(
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     eos = read_model_info(model_dir).eos_token_ids
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=eos)
-    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(
-        json.dumps(schema), any_whitespace=False
-    )
+    grammar = to_xgrammar(Grammar("json_schema", json.dumps(schema)))
+    compiled = xgrammar.GrammarCompiler(info).compile_grammar(grammar)
     bitmask = xgrammar.allocate_token_bitmask(1, VOCAB)
     out = []
     for prompt in prompt_ids:
