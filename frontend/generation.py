@@ -67,6 +67,9 @@ class TextOptions:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # The text of the token that ended the answer (eos or a stop id) is left out, as vLLM
+    # does; set where special tokens are kept for a tool parser (they would show the eos).
+    hide_stop_token: bool = False
 
     @classmethod
     def of(cls, req: SamplingFields) -> TextOptions:
@@ -204,7 +207,7 @@ async def generate_choices(
                 text.spaces_between_special_tokens,
             )
             index = p * n + j
-            pipeline = OutputPipeline(stream, parser())
+            pipeline = OutputPipeline(stream, parser(), text.hide_stop_token)
             job = _run_choice(
                 scheduler, f"{base}-{index}", index, prompt, _choice_sampling(sampling, j),
                 pipeline, queue, first_prefilled if j == 0 else asyncio.Event(),

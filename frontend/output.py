@@ -156,9 +156,12 @@ def split_at(buf: str, tag: str) -> tuple[str, bool, str]:
 class OutputPipeline:
     """One choice's path from the engine's tokens to its answer: text, then the parser."""
 
-    def __init__(self, text: TextStream, parser: OutputParser) -> None:
+    def __init__(
+        self, text: TextStream, parser: OutputParser, hide_stop_token: bool = False
+    ) -> None:
         self.text = text
         self.parser = parser
+        self.hide_stop_token = hide_stop_token  # see TextOptions.hide_stop_token
 
     def add(
         self, token_ids: list[int], finish_reason: str | None
@@ -166,6 +169,8 @@ class OutputPipeline:
         """What new tokens add to the answer, and the choice's finish reason once it ends:
         "stop" when a stop string matched (the caller then aborts the engine's request),
         else the engine's (None while it runs), as the parser may change it."""
+        if finish_reason == "stop" and self.hide_stop_token:
+            token_ids = token_ids[:-1]  # the engine stopped at this eos or stop token id
         text = self.text.add(token_ids)
         if self.text.stopped:
             finish_reason = "stop"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from vlmserve.frontend.errors import bad_request
 from vlmserve.frontend.media_fetch import image_hash
-from vlmserve.frontend.schemas import ChatMessage, ImagePart
+from vlmserve.frontend.schemas import ChatMessage, ImagePart, ToolChatMessage
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.shared.models.processing import tokenize_rendered
 
@@ -29,6 +30,28 @@ class ProcessedImage:
     arrays: dict[str, np.ndarray]
 
 
+def template_turn(message: ChatMessage) -> dict[str, Any]:
+    """One turn as chat templates take it: unset fields left out, image parts as
+    `{"type": "image"}` (what Hugging Face processors' templates expect), a tool result's text
+    parts as one string, and the arguments of earlier tool calls as objects (templates write
+    them with `tojson`; vLLM passes them so too)."""
+    turn = msgspec.to_builtins(message)
+    if isinstance(message, ToolChatMessage) and isinstance(message.content, list):
+        turn["content"] = "".join(part.text for part in message.content)
+    elif isinstance(message.content, list):
+        turn["content"] = [
+            {"type": "image"} if isinstance(part, ImagePart) else msgspec.to_builtins(part)
+            for part in message.content
+        ]
+    for call in turn.get("tool_calls") or []:
+        try:
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        except json.JSONDecodeError:
+            message = "a tool call's `arguments` must be a JSON object"
+            raise bad_request(message, "messages") from None
+    return {k: v for k, v in turn.items() if v is not None}
+
+
 class Prompter:
     """The model's tokenizer and chat template, and the session length prompts must fit."""
 
@@ -40,23 +63,20 @@ class Prompter:
         if self.tokenizer.chat_template is None:
             self.tokenizer.chat_template = spec.chat_template()
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        """The conversation as the chat template writes it."""
-        dicts: list[dict[str, Any]] = []
-        for message in messages:
-            turn = msgspec.to_builtins(message)
-            if isinstance(message.content, list):
-                # Templates of Hugging Face processors expect {"type": "image"} parts.
-                turn["content"] = [
-                    {"type": "image"} if isinstance(part, ImagePart) else msgspec.to_builtins(part)
-                    for part in message.content
-                ]
-            dicts.append({k: v for k, v in turn.items() if v is not None})
+    def render_chat(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The conversation as the chat template writes it (with `tools`, when given, in the
+        template's own tool section)."""
+        dicts = [template_turn(message) for message in messages]
         if self.tokenizer.chat_template is None:
             raise bad_request("this model has no chat template: use /v1/completions", "messages")
         try:
             return self.tokenizer.apply_chat_template(
-                dicts, tokenize=False, add_generation_prompt=add_generation_prompt
+                dicts, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
             )
         except jinja2.TemplateError as exc:  # e.g. roles that do not alternate
             raise bad_request(
@@ -77,10 +97,13 @@ class Prompter:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def chat_inputs(
-        self, messages: list[ChatMessage], images: list[Image.Image]
+        self,
+        messages: list[ChatMessage],
+        images: list[Image.Image],
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[list[int], list[ProcessedImage]]:
         """The prompt's token ids (image placeholders expanded) and its processed images."""
-        text = self.render_chat(messages)
+        text = self.render_chat(messages, tools=tools)
         if not images:
             return self.encode_rendered(text), []
         try:

@@ -19,6 +19,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from vlmserve.frontend import validation
+from vlmserve.frontend.tool_schemas import ChatTool, ToolCallParam, ToolChoice
 
 # ---- constrained scalars ---------------------------------------------------------------------
 
@@ -66,7 +67,7 @@ ContentPart = TextPart | ImagePart
 
 # One class per role, told apart by `role` (as OpenAI's own document does), so the schema says
 # what is required of each: system and user turns need `content`, an assistant turn may leave
-# it out. Tool and function messages are not served.
+# it out; a tool turn answers one of its calls. (Legacy `function` messages are not served.)
 
 
 class SystemChatMessage(msgspec.Struct, tag_field="role", tag="system", kw_only=True):
@@ -84,10 +85,18 @@ class AssistantChatMessage(msgspec.Struct, tag_field="role", tag="assistant", kw
 
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
 
 
 # One turn of the conversation; /openapi.json names this union `ChatMessage`.
-ChatMessage = SystemChatMessage | UserChatMessage | AssistantChatMessage
+class ToolChatMessage(msgspec.Struct, tag_field="role", tag="tool", kw_only=True):
+    """A tool's result, answering call `tool_call_id` of an earlier assistant turn."""
+
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = SystemChatMessage | UserChatMessage | AssistantChatMessage | ToolChatMessage
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -157,6 +166,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobsCount | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,6 +269,7 @@ class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
     tool_calls: list[ChatToolCall] | UnsetType = UNSET
 
 
@@ -300,6 +313,7 @@ class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ChatToolCallDelta] | None = None
 
 

@@ -16,6 +16,9 @@ from typing import Any
 import msgspec
 
 ENV_PREFIX = "VLMSERVE_"
+# Names of the frontend's output parsers (frontend/tool_parsers, frontend/reasoning; vLLM's).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 # One line of help per setting; the flag is the field name with dashes.
 HELP: dict[str, str] = {
@@ -74,6 +77,12 @@ HELP: dict[str, str] = {
     "image_max_bytes": "largest image accepted, in bytes (fetched, decoded data: URL or file)",
     "image_max_pixels": "largest image accepted, in pixels (width * height), before decoding",
     "image_max_redirects": "most HTTP redirects followed when fetching an image",
+    "tool_call_parser": "how the model writes tool calls, for `tool_choice: auto`: "
+    + ", ".join(TOOL_CALL_PARSERS)
+    + " (empty: auto tool choice is refused)",
+    "reasoning_parser": "how the model writes its thinking (reasoning_content): "
+    + ", ".join(REASONING_PARSERS)
+    + " (empty: none)",
     "max_queued_requests": "most requests waiting for the engine (not yet running); past it a "
     "new request gets 503 with Retry-After at once (0: no cap)",
     "max_queued_tokens": "most prompt tokens of the requests waiting for the engine; past it a "
@@ -136,6 +145,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     image_max_bytes: int = 20 * 2**20
     image_max_pixels: int = 40_000_000
     image_max_redirects: int = 3
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
     max_queued_requests: int = 0
     max_queued_tokens: int = 0
     max_concurrent_requests: int = 0
@@ -173,6 +184,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 "--dtype must be auto, float32, bfloat16 or float16",
             ),
             (self.frontend_workers >= 1, "--frontend-workers must be at least 1"),
+            (
+                self.tool_call_parser in ("", *TOOL_CALL_PARSERS),
+                f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}",
+            ),
+            (
+                self.reasoning_parser in ("", *REASONING_PARSERS),
+                f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}",
+            ),
             (self.log_format in ("text", "json"), "--log-format must be text or json"),
             (self.worker_startup_timeout > 0, "--worker-startup-timeout must be positive"),
             (self.start_timeout > 0, "--start-timeout must be positive"),

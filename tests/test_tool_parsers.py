@@ -83,7 +83,9 @@ def test_hermes_text_before_between_and_after_calls() -> None:
     two = block("get_weather", WEATHER) + "\n" + block("get_time", TIME)
     calls = [("get_weather", WEATHER), ("get_time", TIME)]
     check(hermes, "Let me look that up.\n" + two, "Let me look that up.\n", calls)
-    check(hermes, two + "\n", "", calls)  # line breaks between and after calls are not content
+    # Whitespace that only leads to a call or to the end is not content.
+    check(hermes, "\n\n" + two + "\n", "", calls)
+    check(hermes, " \n", "")
     check(hermes, two + "\nI'll wait for the results.", "\nI'll wait for the results.", calls)
 
 
@@ -220,6 +222,8 @@ def test_required_choice_reads_an_array_of_calls() -> None:
     check(required, answer + "\n ", "", calls)
     # Not an array of calls (a model left unconstrained): content from where it stops being one.
     check(required, "Sure thing", "Sure thing")
+    check(required, ' [{"name": "f", "param', ' [{"name": "f", "param', reason="length")
+    check(required, '[{"name": "f"}, 3]', "3]", [("f", "{}")])
     check(required, '[{"name": "f", "parameters": {}}] and more', " and more", [("f", "{}")])
 
 

@@ -47,6 +47,7 @@ from vlmserve.frontend.schemas import (
     make_usage,
 )
 from vlmserve.frontend.state import FrontendState
+from vlmserve.frontend.tool_choice import plan_tools
 from vlmserve.frontend.validation import decode_request
 from vlmserve.shared.messages import TokenLogprob
 
@@ -74,10 +75,13 @@ def chat_logprobs(
 
 
 def assistant_message(output: ChoiceOutput) -> AssistantMessage:
-    """A whole choice's answer; reasoning and tool calls only when the parser found some."""
-    message = AssistantMessage(content=output.content)
+    """A whole choice's answer; reasoning and tool calls only when the parser found some
+    (reasoning under both names, `reasoning_content` and vLLM's newer `reasoning`). An answer
+    that is only calls has `content: null`, as OpenAI's."""
+    content = output.content or (None if output.tool_calls else "")
+    message = AssistantMessage(content=content)
     if output.reasoning_content:
-        message.reasoning_content = output.reasoning_content
+        message.reasoning_content = message.reasoning = output.reasoning_content
     if output.tool_calls:
         message.tool_calls = [
             ChatToolCall(id=c.id, function=ChatFunctionCall(name=c.name, arguments=c.arguments))
@@ -100,6 +104,7 @@ def chat_delta(output: OutputDelta) -> ChatDelta:
     return ChatDelta(
         content=output.content or None,
         reasoning_content=output.reasoning_content or None,
+        reasoning=output.reasoning_content or None,
         tool_calls=calls or None,
     )
 
@@ -135,8 +140,9 @@ class ChatCompletionsResource:
         record = request_record(req)
         started = time.perf_counter()
         images = await load_images(urls, state.config, state.http) if urls else []
+        plan = plan_tools(body, state.config.tool_call_parser, state.config.reasoning_parser)
         prompt_ids, processed = await state.off_loop(
-            state.prompter.chat_inputs, body.messages, images
+            state.prompter.chat_inputs, body.messages, images, plan.tools
         )
         record.images_ready(len(urls), time.perf_counter() - started)
         asked = body.max_completion_tokens or body.max_tokens
@@ -145,13 +151,15 @@ class ChatCompletionsResource:
         sampling = to_sampling_params(
             body, room, tokenizer, state.sampling_defaults, state.vocab_size
         )
+        sampling = plan.constrain(sampling)
         if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         prompt = EnginePrompt.with_images(prompt_ids, processed)
-        options = TextOptions.of(body)
+        options = plan.text_options(TextOptions.of(body))
         timeout = RequestTimeout.of(body.timeout, state.config.request_timeout, arrived)
         deltas = generate_choices(
-            state.scheduler, tokenizer, [prompt], sampling, body.n, options, timeout=timeout
+            state.scheduler, tokenizer, [prompt], sampling, body.n, options, plan.parser,
+            timeout=timeout,
         )
         deltas = record.watch([prompt], body.n, deltas)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -37,20 +37,26 @@ class NamedCall(ToolParser):
 
 
 class RequiredCalls(ToolParser):
-    """The answer is a JSON array of calls. What is not (a model left unconstrained) is
-    content from where it stops being one; whitespace after the array is dropped."""
+    """The answer is a JSON array of calls. An answer that is not (a model left
+    unconstrained) is content: all of it when no call was read, else from where it stopped
+    being one. Whitespace after the array is dropped."""
 
     def __init__(self, new_id: Callable[[], str] = random_call_id) -> None:
         super().__init__(new_id)
         self.calls_list = CallList()
         self.content = False  # past the array: the rest is content
+        self.unread = ""  # the answer so far, until a call begins
         self.after = ""  # whitespace after the array, held
 
     def feed(self, text: str) -> OutputDelta:
         out = OutputDelta()
         listing = self.calls_list
         if not (self.content or listing.done or listing.broken):
+            self.unread += text
             events, text = listing.feed(text)
+            started = self.calls or any(isinstance(e, Start) for e in events)
+            if listing.broken and not started:
+                text, events = self.unread, []
             self.emit(events, out)
             self.content = listing.broken
         if self.content:
@@ -62,6 +68,8 @@ class RequiredCalls(ToolParser):
         return out
 
     def flush(self) -> OutputDelta:
+        if not self.calls and not self.content:
+            return OutputDelta(content=self.unread)
         out = OutputDelta()
         self.emit(self.calls_list.finish(), out)
         return out

@@ -7,8 +7,8 @@
     {"name": "get_time", "arguments": {}}
     </tool_call>
 
-Text before, between and after the blocks is content, except the line breaks between blocks
-and after the last one. A block whose inside is not a call stays content, tags and all.
+Text before, between and after the blocks is content, except whitespace that only leads to a
+block or to the end (the line breaks between blocks, after the last, after `</think>`). A block whose inside is not a call stays content, tags and all.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class Hermes(ToolParser):
         self.held = ""  # text that may begin a tag
         self.opening = ""  # the open block's text before its call object
         self.reader = CallReader()
-        self.after_call = False  # whitespace here is dropped unless more content follows
+        # At the answer's start and after a call, whitespace waits: it is dropped unless
+        # content follows (a call, or the end, may).
+        self.after_call = True
         self.spaces = ""
 
     def feed(self, text: str) -> OutputDelta:
