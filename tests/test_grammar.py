@@ -256,10 +256,12 @@ def hf_constrained(
         matcher = xgrammar.GrammarMatcher(compiled)
         tokens: list[int] = []
         scores = []
+        ids, cache = torch.tensor([prompt]), None
         with torch.no_grad():
             for _ in range(max_new):
-                ids = torch.tensor([prompt + tokens])  # the whole sequence again: no cache
-                logits = model(input_ids=ids).logits[:, -1].float()  # [1, vocab]
+                step = model(input_ids=ids, cache=cache, use_cache=True)
+                cache = step.cache
+                logits = step.logits[:, -1].float()  # [1, vocab]
                 matcher.fill_next_token_bitmask(bitmask)
                 xgrammar.apply_token_bitmask_inplace(logits, bitmask)
                 token = int(logits.argmax())
@@ -268,6 +270,7 @@ def hf_constrained(
                 if token in eos:
                     break
                 assert matcher.accept_token(token)
+                ids = torch.tensor([[token]])
         out.append((tokens, torch.stack(scores)))
     return out
 
