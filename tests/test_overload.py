@@ -2,8 +2,8 @@
 
 One server with a batch of 1 and --max-queued-requests 2 (so about 3 requests are held):
 - overload: 3x more concurrent requests than it holds; the excess gets 503 + Retry-After in
-  OpenAI's shape within 100 ms of its own sending, and every accepted request answers as
-  the same request does on an idle server;
+  OpenAI's shape within 100 ms of its own sending, every accepted request answers as the
+  same request does on an idle server, and /metrics counts both;
 - a request past its `timeout` ends with a 408 (a stream: a last error event, no [DONE]),
   and a request that waits past --queue-timeout for its first token gets 503 (a stream too:
   its status, since no token came); afterwards every KV block is free again, as the
@@ -67,6 +67,16 @@ def body(prompt: str, max_tokens: int, **extra: object) -> dict:
             **extra}  # fmt: skip
 
 
+def answered(srv: dict) -> dict[str, float]:
+    """/metrics' count of generation requests answered, by HTTP status."""
+    counts = {}
+    for line in httpx.get(srv["url"] + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("vlmserve:http_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('status="')[1].split('"')[0]] = float(value)
+    return counts
+
+
 def assert_503(resp: httpx.Response, says: str) -> None:
     assert resp.status_code == 503, resp.text
     assert resp.headers["retry-after"] == "1"
@@ -96,6 +106,7 @@ def test_overload_refuses_the_excess_at_once_and_serves_the_rest(srv: dict) -> N
                 *[timed_post(client, "/v1/completions", body(p, 8)) for p in prompts]
             )
 
+    before = answered(srv)
     results = asyncio.run(asyncio.wait_for(everyone(), 120))
     accepted = [(p, r) for p, (r, _) in zip(prompts, results, strict=True) if r.status_code == 200]
     refused = [(r, s) for r, s in results if r.status_code != 200]
@@ -111,11 +122,9 @@ def test_overload_refuses_the_excess_at_once_and_serves_the_rest(srv: dict) -> N
         assert answer["choices"][0]["text"] == idle[prompt]["choices"][0]["text"]
         assert answer["usage"]["completion_tokens"] == 8
     wait_for(lambda: all_blocks_free(srv), 10, "every block free")
-
-
-def sse_events(resp: httpx.Response) -> list[bytes]:
-    return [line[len(b"data: ") :] for line in resp.iter_bytes() for line in line.splitlines()
-            if line.startswith(b"data: ")]  # fmt: skip
+    after = answered(srv)
+    counted = {code: after.get(code, 0) - before.get(code, 0) for code in ("200", "503")}
+    assert counted == {"200": len(accepted), "503": len(refused)}, (before, after)
 
 
 def test_request_timeout_ends_a_running_request_with_408_and_frees_its_blocks(srv: dict) -> None:
