@@ -11,6 +11,7 @@ from typing import Protocol
 from vlmserve.frontend.errors import bad_request
 from vlmserve.frontend.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from vlmserve.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from vlmserve.frontend.structured_output import grammar_for
 from vlmserve.shared.messages import SamplingParams
 
 
@@ -109,4 +110,5 @@ def to_sampling_params(
         logit_bias=logit_bias,
         prompt_logprobs=prompt_logprobs_asked(req),
         bad_words_token_ids=bad_words_token_ids(req.bad_words or [], tokenizer),
+        grammar=grammar_for(req),  # response_format, structured_outputs, guided_*
     )

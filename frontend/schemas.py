@@ -19,6 +19,12 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from vlmserve.frontend import validation
+from vlmserve.frontend.structured_output_schemas import (
+    Choices,
+    JSONSchemaDict,
+    ResponseFormat,
+    StructuredOutputs,
+)
 from vlmserve.frontend.tool_schemas import ChatTool, ToolCallParam, ToolChoice
 
 # ---- constrained scalars ---------------------------------------------------------------------
@@ -153,6 +159,13 @@ class SamplingFields(msgspec.Struct, kw_only=True):
         ),
     ] = None
     include_stop_str_in_output: bool = False
+    # Output constraints (frontend/structured_output.py): at most one of these.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Annotated[JSONSchemaDict | str | None, Meta(description="vLLM's")] = None
+    guided_regex: Annotated[str | None, Meta(description="vLLM's")] = None
+    guided_choice: Annotated[Choices | None, Meta(description="vLLM's")] = None
+    guided_grammar: Annotated[str | None, Meta(description="vLLM's (EBNF)")] = None
     timeout: RequestTimeoutSeconds | None = None
 
     def __post_init__(self) -> None:

@@ -47,6 +47,7 @@ from vlmserve.frontend.schemas import (
     make_usage,
 )
 from vlmserve.frontend.state import FrontendState
+from vlmserve.frontend.structured_output import require_chat_template
 from vlmserve.frontend.tool_choice import plan_tools
 from vlmserve.frontend.validation import decode_request
 from vlmserve.shared.messages import TokenLogprob
@@ -134,6 +135,7 @@ class ChatCompletionsResource:
         arrived = time.monotonic()  # the request's timeout counts from here
         body = decode_request(await state.read_body(req), ChatCompletionRequest)
         state.check_model(body.model)
+        require_chat_template(body, state.prompter.tokenizer.chat_template is not None)
         urls = image_urls(body.messages)
         if urls and state.prompter.images is None:
             raise bad_request("this model does not accept images", "messages")
@@ -148,8 +150,8 @@ class ChatCompletionsResource:
         asked = body.max_completion_tokens or body.max_tokens
         room = state.prompter.check_length(len(prompt_ids), asked)
         tokenizer = state.prompter.tokenizer
-        sampling = to_sampling_params(
-            body, room, tokenizer, state.sampling_defaults, state.vocab_size
+        sampling = await state.off_loop(  # building a grammar may import xgrammar
+            to_sampling_params, body, room, tokenizer, state.sampling_defaults, state.vocab_size
         )
         sampling = plan.constrain(sampling)
         if not await state.scheduler.ready():

@@ -77,9 +77,10 @@ class CompletionsResource:
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         rooms = [state.prompter.check_length(len(p), body.max_tokens) for p in prompts]
         tokenizer = state.prompter.tokenizer
-        sampling = to_sampling_params(
-            body, min(rooms), tokenizer, state.sampling_defaults, state.vocab_size
-        )
+        sampling = await state.off_loop(  # building a grammar may import xgrammar
+            to_sampling_params, body, min(rooms), tokenizer, state.sampling_defaults,
+            state.vocab_size,
+        )  # fmt: skip
         if not await state.scheduler.ready():
             raise service_unavailable("the engine is not running")
         text = TextOptions.of(body)
