@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -59,7 +60,10 @@ class GrammarBackend:
         self._compiled: OrderedDict[Grammar, Future[xgrammar.CompiledGrammar]] = OrderedDict()
         self._lock = threading.Lock()
         self.compilations = 0  # distinct grammars compiled (or being compiled) so far
-        self.batch = xgrammar.BatchGrammarMatcher(max_threads=threads)
+        # Filling masks in parallel pays with many cores and a large vocabulary; on a few busy
+        # cores the threads only contend (a 64-row step measured 0.4 ms on one, 0.4-6 on two).
+        fill_threads = max(1, (os.cpu_count() or 1) // 4)
+        self.batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads)
 
     def _make_compiler(self, model_dir: str, vocab_size: int) -> xgrammar.GrammarCompiler:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
