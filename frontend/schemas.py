@@ -96,10 +96,15 @@ class AssistantChatMessage(msgspec.Struct, tag_field="role", tag="assistant", kw
 
 # One turn of the conversation; /openapi.json names this union `ChatMessage`.
 class ToolChatMessage(msgspec.Struct, tag_field="role", tag="tool", kw_only=True):
-    """A tool's result, answering call `tool_call_id` of an earlier assistant turn."""
+    """A tool's result, answering call `tool_call_id` of an earlier assistant turn: text (as
+    a string or text parts; the union keeps each part's `type` required)."""
 
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
     tool_call_id: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content):
+            raise ValueError("a tool message's content is text only")
 
 
 ChatMessage = SystemChatMessage | UserChatMessage | AssistantChatMessage | ToolChatMessage

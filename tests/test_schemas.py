@@ -114,6 +114,24 @@ def test_null_optional_fields_are_accepted() -> None:
         ({"messages": []}, "messages", ">= 1"),
         ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", "'function'"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "Missing"),
+        (
+            {"messages": [{"role": "tool", "tool_call_id": "1", "content": [{"text": "x"}]}]},
+            "messages[0].content[0].type",
+            "Missing",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "tool",
+                        "tool_call_id": "1",
+                        "content": [{"type": "image_url", "image_url": "https://a/b.png"}],
+                    }
+                ]
+            },
+            "messages[0]",
+            "text only",
+        ),
         ({"messages": [{"content": "x"}]}, "messages[0].role", "Missing required"),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "Missing required"),
         ({"messages": [{"role": "system", "content": None}]}, "messages[0].content", "null"),
