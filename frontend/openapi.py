@@ -25,10 +25,15 @@ ERRORS: dict[int, tuple[str, str]] = {
     400: ("BadRequest", "The body is not valid: `param` names the field."),
     401: ("Unauthorized", "Missing or wrong API key (when the server has keys)."),
     404: ("NotFound", "Unknown model (code `model_not_found`) or path."),
+    408: ("RequestTimeout", "The request ran past its `timeout` (or the server's default)."),
     413: ("ContentTooLarge", "The request body is too large."),
-    503: ("ServiceUnavailable", "The engine is not running or not ready; retry later."),
+    503: (
+        "ServiceUnavailable",
+        "The engine is not running or not ready, the server is overloaded (a full queue, a "
+        "queue timeout, its concurrency cap) or shutting down; retry after `Retry-After`.",
+    ),
 }
-GENERATE_ERRORS = (400, 401, 404, 413, 503)
+GENERATE_ERRORS = (400, 401, 404, 408, 413, 503)
 TOKENIZER_ERRORS = (400, 401, 404, 413)
 # Unions that clients should see as one named type (msgspec writes a union inline where used).
 # Unnamed, openapi-generator names a union after the first schema using it (a user message's
