@@ -23,9 +23,9 @@ from vlmserve.frontend.generation import (
 )
 from vlmserve.frontend.media_fetch import load_images
 from vlmserve.frontend.output import ChoiceOutput, OutputDelta
+from vlmserve.frontend.prompt_logprobs import requested
 from vlmserve.frontend.request_log import request_record
 from vlmserve.frontend.request_timeout import RequestTimeout
-from vlmserve.frontend.prompt_logprobs import requested
 from vlmserve.frontend.sampling_params import to_sampling_params
 from vlmserve.frontend.schemas import (
     AssistantMessage,
