@@ -1,6 +1,8 @@
 """Admission control and time limits on a real server (all processes, loopback).
 
-One server with a batch of 1 and --max-queued-requests 2 (so about 3 requests are held):
+One server with a batch of 1 and --max-queued-requests 2 (so about 3 requests are held), on
+a tiny checkpoint with a 16k context, so a request that holds the batch cannot finish before
+its timeout on any CPU (HOLD_TOKENS at a few hundred tokens/s):
 - overload: 3x more concurrent requests than it holds; the excess gets 503 + Retry-After in
   OpenAI's shape within 100 ms of its own sending, every accepted request answers as the
   same request does on an idle server, and /metrics counts both;
@@ -25,18 +27,21 @@ from server_fixtures import local_config, wait_for
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.messages import STATUS_TOPIC, EngineMsg, EngineStatus
 from vlmserve.shared.sockets import Codec
+from vlmserve.workers.demo_checkpoint import build_checkpoint
 
-NUM_BLOCKS = 256
+NUM_BLOCKS = 1040  # 16 tokens each: one HOLD_TOKENS request and a little more
+HOLD_TOKENS = 16000
 QUEUE_CAP, BATCH = 2, 1
 QUEUE_TIMEOUT = 4.0
 HOLD = ["hold the line please", "one more long answer", "keep it going"]
 
 
 @pytest.fixture(scope="module")
-def srv(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def srv(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("overload")
+    checkpoint = build_checkpoint(str(workdir / "llama16k"), max_position_embeddings=16384)
     config = local_config(
-        checkpoints["llama"], workdir, max_batch_size=BATCH, max_batched_tokens=256,
+        checkpoint, workdir, max_batch_size=BATCH, max_batched_tokens=256,
         max_queued_requests=QUEUE_CAP, queue_timeout=QUEUE_TIMEOUT, num_kv_blocks=NUM_BLOCKS,
     )  # fmt: skip
     with server(config, os.path.join(str(workdir), "server.log")) as running:
@@ -130,7 +135,7 @@ def test_overload_refuses_the_excess_at_once_and_serves_the_rest(srv: dict) -> N
 def test_request_timeout_ends_a_running_request_with_408_and_frees_its_blocks(srv: dict) -> None:
     with httpx.Client(base_url=srv["url"], timeout=60) as client:
         started = time.monotonic()
-        resp = client.post("/v1/completions", json=body(HOLD[0], 1500, timeout=1.0))
+        resp = client.post("/v1/completions", json=body(HOLD[0], HOLD_TOKENS, timeout=1.0))
         assert 1.0 <= time.monotonic() - started < 5
         assert resp.status_code == 408, resp.text
         error = resp.json()["error"]
@@ -148,7 +153,7 @@ def test_queue_timeout_is_503_and_a_timed_out_stream_ends_with_an_error_event(
         async with httpx.AsyncClient(base_url=srv["url"], timeout=60) as client:
 
             async def hold(prompt: str) -> list[bytes]:
-                payload = body(prompt, 1500, stream=True, timeout=2 * QUEUE_TIMEOUT)
+                payload = body(prompt, HOLD_TOKENS, stream=True, timeout=2 * QUEUE_TIMEOUT)
                 async with client.stream("POST", "/v1/completions", json=payload) as resp:
                     assert resp.status_code == 200
                     return [line async for line in resp.aiter_lines() if line]

@@ -169,7 +169,7 @@ def build_checkpoint(
 ) -> str:
     """Write a random-weight checkpoint of `arch` and `size` to `out_dir` and return it."""
     config_cls, model_cls, extra, special, bos, eos, template = _text_family(arch)
-    shape = SIZES[size] | overrides
+    shape = {"max_position_embeddings": 2048} | SIZES[size] | overrides
     log.info("building %s/%s checkpoint in %s: %s", arch, size, out_dir, shape)
     fast = fast_tokenizer(shape["vocab_size"], special, bos, eos, seed)
     fast.chat_template = template
@@ -177,7 +177,6 @@ def build_checkpoint(
     config = config_cls(
         **shape,
         **extra,
-        max_position_embeddings=2048,
         bos_token_id=ids.get(bos) if bos else None,
         eos_token_id=ids[eos],
         pad_token_id=ids[special[0]],
