@@ -74,14 +74,19 @@ def _save(
     model.save_pretrained(out_dir)
 
 
-def build_llava(out_dir: str, next_: bool = False, seed: int = 0, pad: bool = False) -> str:
+def build_llava(
+    out_dir: str, next_: bool = False, seed: int = 0, pad: bool = False, text: dict | None = None
+) -> str:
     """LLaVA-1.5, or LLaVA-NeXT (any-resolution tiles and the image newline) with `next_`.
     `pad`: LLaVA-1.5's processor pads each image to a square first (do_pad), as the original
-    LLaVA-1.5 checkpoints' preprocessing does."""
+    LLaVA-1.5 checkpoints' preprocessing does. `text`: overrides of the language model's shape
+    (the benchmark's LLaVA has head_dim 32, which vLLM's CPU attention accepts)."""
     tokenizer = _fast_tokenizer(["<unk>", "<s>", "</s>"], "<s>", "</s>", seed)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = transformers.LlamaConfig(**TEXT, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    text = transformers.LlamaConfig(
+        **(TEXT | (text or {})), vocab_size=len(tokenizer), tie_word_embeddings=False
+    )
     vision = transformers.CLIPVisionConfig(**CLIP)
     common = dict(
         vision_config=vision, text_config=text, image_token_id=image_id,
