@@ -1,0 +1,182 @@
+"""The fast CPU backend (and a portable CUDA one): torch's fused SDPA kernels on 4-D inputs.
+
+torch runs its fused (flash) CPU kernel only for [batch, heads, len, dim] inputs; the 3-D
+calls of the reference fall back to the math kernel, which materialises every score. Here a
+fresh prefill is one causal call on its own keys (no mask: the kernel skips the blocks above
+the diagonal), a chunk after cached tokens attends to its context's whole blocks with a
+bottom-right causal mask, and decodes attend in groups of similar length with the queries
+that share a KV head folded into one matmul, over only the blocks their tables use.
+One call per prefill rather than one padded call for all: padding computes the longest
+prompt's square for every prompt and needs a mask, which turns off that block skipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from vlmserve.workers.attention.backend import AttentionBackend
+from vlmserve.workers.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from vlmserve.workers.kv_pool import KVPool
+    from vlmserve.workers.layers.attention import PagedAttention
+
+DECODE_GROUP = 8  # decodes attended together
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Queries [start, start + length) of one sequence; `blocks` when it has cached context."""
+
+    start: int
+    length: int
+    blocks: torch.Tensor | None  # [context blocks] the block table in use
+    mask: torch.Tensor | None  # [length, context blocks * block size] True where it attends
+
+
+@dataclass(frozen=True)
+class Decodes:
+    """Decodes of similar context length, attended together."""
+
+    rows: torch.Tensor  # [decodes] rows of the batch
+    blocks: torch.Tensor  # [decodes * most blocks] their block tables, padded, flattened
+    bias: torch.Tensor  # [kv_heads * decodes, 1, most blocks * block size] -inf past context
+
+
+@dataclass(frozen=True)
+class SdpaStep:
+    slot_mapping: torch.Tensor  # [tokens]
+    prefills: list[Prefill]
+    decodes: list[Decodes]
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+
+    def __init__(self, pool: KVPool) -> None:
+        super().__init__(pool)
+        self._step: SdpaStep | None = None
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        self._step = SdpaStep(
+            metadata.slot_mapping,
+            prefills(metadata),
+            decode_groups(metadata, DECODE_GROUP, self.pool.num_kv_heads, self.pool.cache.dtype),
+        )
+
+    def forward(
+        self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        step = self._step
+        if step is None:
+            raise RuntimeError("the sdpa backend runs only after prepare()")
+        self.pool.store(layer.layer_idx, step.slot_mapping, k, v)
+        # [2 * kv_heads, num_blocks, block_size * head_dim]: keys then values, one gather.
+        kv_blocks = self.pool.cache[layer.layer_idx].view(
+            2 * layer.num_kv_heads, self.pool.num_blocks, -1
+        )
+        out = torch.empty_like(q)
+        for p in step.prefills:
+            rows = slice(p.start, p.start + p.length)
+            out[rows] = self._prefill(layer, kv_blocks, q[rows], k[rows], v[rows], p)
+        for group in step.decodes:
+            out[group.rows] = self._decode(layer, kv_blocks, q[group.rows], group)
+        return out
+
+    def _prefill(
+        self,
+        layer: PagedAttention,
+        kv_blocks: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        p: Prefill,
+    ) -> torch.Tensor:
+        q = q.transpose(0, 1)[None]  # [1, heads, length, dim]
+        if p.blocks is None:  # nothing cached: the new keys are the whole context
+            k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, kv_heads, len, dim]
+        else:
+            kv = kv_blocks.index_select(1, p.blocks)  # [2 * kv_heads, blocks, bs * dim]
+            kv = kv.view(2, 1, layer.num_kv_heads, -1, layer.head_dim)
+            k, v = kv[0], kv[1]  # [1, kv_heads, blocks * block_size, dim]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=p.mask,
+            is_causal=p.blocks is None,
+            scale=layer.scale,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)
+
+    def _decode(
+        self, layer: PagedAttention, kv_blocks: torch.Tensor, q: torch.Tensor, group: Decodes
+    ) -> torch.Tensor:
+        """softmax(QK^T)V with the G queries of a KV head as the rows of one matmul.
+
+        SDPA's fused CPU kernel is slower than this for one query per sequence (it splits
+        work by query block), and GQA through it would repeat the gathered keys.
+        """
+        decodes, kv_heads, dim = q.shape[0], layer.num_kv_heads, layer.head_dim
+        longest = group.bias.shape[-1]
+        kv = kv_blocks.index_select(1, group.blocks)  # [2 * kv_heads, decodes * blocks, ...]
+        kv = kv.view(2, kv_heads * decodes, longest, dim)
+        queries = q.view(decodes, kv_heads, -1, dim).transpose(0, 1)  # [kv, decodes, G, dim]
+        queries = queries.reshape(kv_heads * decodes, -1, dim)
+        scores = torch.baddbmm(
+            group.bias, queries, kv[0].transpose(-1, -2), alpha=layer.scale
+        )  # [kv_heads * decodes, G, longest]
+        out = torch.bmm(scores.softmax(dim=-1), kv[1])  # [kv_heads * decodes, G, dim]
+        return out.view(kv_heads, decodes, -1, dim).transpose(0, 1).reshape(decodes, -1, dim)
+
+
+def prefills(meta: AttentionMetadata) -> list[Prefill]:
+    """The sequences after the decodes; a chunk after cached tokens gets its blocks and
+    its causal mask aligned to the bottom right (query i sees keys up to cached + i)."""
+    starts = meta.query_start_loc_cpu.tolist()
+    lengths = meta.seq_lens_cpu.tolist()
+    device = meta.block_tables.device
+    out = []
+    for i in range(meta.num_decodes, meta.num_seqs):
+        start, length, context = starts[i], starts[i + 1] - starts[i], lengths[i]
+        if context == length:
+            out.append(Prefill(start, length, None, None))
+            continue
+        num_blocks = -(-context // meta.block_size)
+        keys = torch.arange(num_blocks * meta.block_size, device=device)
+        queries = torch.arange(context - length, context, device=device)
+        mask = keys[None, :] <= queries[:, None]  # past the context: above every query
+        out.append(Prefill(start, length, meta.block_tables[i, :num_blocks].long(), mask))
+    return out
+
+
+def decode_groups(
+    meta: AttentionMetadata, size: int, kv_heads: int, dtype: torch.dtype
+) -> list[Decodes]:
+    """Decodes sorted by context length, `size` at a time: each group is padded only to
+    its own longest context, so few padded keys are gathered."""
+    if meta.num_decodes == 0:
+        return []
+    device = meta.block_tables.device
+    lengths = meta.seq_lens_cpu[: meta.num_decodes]
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    order_dev = order.to(device)
+    keys = torch.arange(-(-meta.max_seq_len // meta.block_size) * meta.block_size, device=device)
+    groups = []
+    for first in range(0, meta.num_decodes, size):
+        rows = order_dev[first : first + size]  # decode rows are sequence indices
+        longest = sorted_lengths[min(first + size, meta.num_decodes) - 1]
+        num_blocks = -(-longest // meta.block_size)
+        blocks = meta.block_tables[rows, :num_blocks].flatten().long()
+        past = keys[: num_blocks * meta.block_size] >= meta.seq_lens[rows, None]
+        bias = torch.zeros(past.shape, dtype=dtype, device=device).masked_fill_(past, -torch.inf)
+        # [kv_heads * decodes, 1, keys]: the batch of the score matmul is head-major.
+        bias = bias[None, :, None].expand(kv_heads, -1, -1, -1).reshape(-1, 1, bias.shape[-1])
+        groups.append(Decodes(rows, blocks, bias))
+    return groups
