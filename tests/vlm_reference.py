@@ -3,13 +3,17 @@
 The prompt is made the way each model's processor makes it: LLaVA's AutoProcessor; for
 Qwen2-VL the image processor plus the processor's placeholder expansion (its AutoProcessor
 needs torchvision for video, which has no build for this torch), and `mm_token_type_ids`,
-without which transformers 5's Qwen2-VL `generate` silently builds the wrong positions.
+without which transformers 5's Qwen2-VL `generate` silently builds the wrong positions;
+for InternVL its own InternVLProcessor, built without the video processor it cannot load here.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+from unittest import mock
 
 import numpy as np
 import torch
@@ -34,6 +38,21 @@ def template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def internvl_processor(model_dir: str) -> transformers.InternVLProcessor:
+    """transformers' InternVLProcessor for a checkpoint (its image processor, tokenizer and
+    image_seq_length). Loading it needs torchvision for the video processor, which has no build
+    for our torch; images never touch that, so it is built with none."""
+    with open(os.path.join(model_dir, "processor_config.json")) as f:
+        seq_length = json.load(f)["image_seq_length"]
+    with mock.patch.object(transformers.ProcessorMixin, "check_argument_for_proper_class"):
+        return transformers.InternVLProcessor(
+            image_processor=transformers.AutoImageProcessor.from_pretrained(model_dir),
+            tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir),
+            video_processor=None,
+            image_seq_length=seq_length,
+        )
+
+
 class VLMReference:
     def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         self.model_dir = model_dir
@@ -50,6 +69,9 @@ class VLMReference:
         text = self.tokenizer.apply_chat_template(
             template_messages(messages), tokenize=False, add_generation_prompt=True
         )
+        if self.arch == "InternVLForConditionalGeneration":
+            processor = internvl_processor(self.model_dir)
+            return dict(processor(text=[text], images=images or None, return_tensors="pt"))
         if "Qwen" not in self.arch:
             processor = transformers.AutoProcessor.from_pretrained(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))

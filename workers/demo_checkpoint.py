@@ -200,10 +200,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="vlmserve demo-checkpoint",
         description="Write a tiny random-weight checkpoint in Hugging Face format (no download).",
     )
+    from vlmserve.workers.demo_internvl import INTERNVL_ARCHES, build_internvl
     from vlmserve.workers.demo_vlm import VISION_ARCHES, build_vision_checkpoint
 
     parser.add_argument("dir")
-    parser.add_argument("--arch", default="llama", choices=[*ARCHES, *VISION_ARCHES])
+    arches = [*ARCHES, *VISION_ARCHES, *INTERNVL_ARCHES]
+    parser.add_argument("--arch", default="llama", choices=arches)
     parser.add_argument("--size", default="tiny", choices=list(SIZES), help="text models only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -219,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         build_from_config(args.from_config, args.dir, seed=args.seed)
         print(f"wrote a random-weight checkpoint shaped like {args.from_config} to {args.dir}")
         return
-    if args.arch in VISION_ARCHES:
+    if args.arch in INTERNVL_ARCHES:
+        build_internvl(args.dir, seed=args.seed, text_arch=INTERNVL_ARCHES[args.arch])
+    elif args.arch in VISION_ARCHES:
         build_vision_checkpoint(args.dir, args.arch, seed=args.seed)
     else:
         build_checkpoint(args.dir, arch=args.arch, size=args.size, seed=args.seed)

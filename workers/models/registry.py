@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from vlmserve.shared.models import ModelSpec
+from vlmserve.workers.models.internvl import InternVLModel
 from vlmserve.workers.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -30,6 +31,7 @@ COMPUTE: dict[str, type[nn.Module]] = {
     "qwen2_vl": Qwen2VLModel,
     "qwen2_5_vl": Qwen25VLModel,
     "qwen3_vl": Qwen3VLModel,
+    "internvl": InternVLModel,
 }
 
 
