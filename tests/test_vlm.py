@@ -26,6 +26,7 @@ from vlm_reference import VLMReference, data_url
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.config import Config, new_run_id
 from vlmserve.shared.models.llava_original import VICUNA_V1_TEMPLATE
+from vlmserve.workers.demo_internvl import build_internvl
 from vlmserve.workers.demo_qwen3_vl import build_qwen3_vl
 from vlmserve.workers.demo_vlm import build_llava, build_llava_original, build_qwen2_vl
 
@@ -58,6 +59,8 @@ BUILDERS = {
     "qwen2_vl": lambda d: build_qwen2_vl(d),
     "qwen2_5_vl": lambda d: build_qwen2_vl(d, v2_5=True),
     "qwen3_vl": lambda d: build_qwen3_vl(d),
+    "internvl": lambda d: build_internvl(d),  # InternVL3: Qwen2 decoder
+    "internvl3_5": lambda d: build_internvl(d, text_arch="qwen3"),
     # The original LLaVA repository's format, against transformers' LLaVA-NeXT on the same
     # weights, prompted with the Vicuna conversation format those checkpoints use.
     "llava_original": lambda d: build_llava_original(d, d + "-twin"),
