@@ -4,7 +4,8 @@ The prompt is made the way each model's processor makes it: LLaVA's AutoProcesso
 Qwen2-VL the image processor plus the processor's placeholder expansion (its AutoProcessor
 needs torchvision for video, which has no build for this torch), and `mm_token_type_ids`,
 without which transformers 5's Qwen2-VL `generate` silently builds the wrong positions;
-for InternVL its own InternVLProcessor, built without the video processor it cannot load here.
+for InternVL its own InternVLProcessor, built without the video processor it cannot load here;
+for Idefics3 and SmolVLM transformers' Idefics3Processor (`idefics3_processor`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def internvl_processor(model_dir: str) -> transformers.InternVLProcessor:
         )
 
 
+def idefics3_processor(model_dir: str) -> transformers.Idefics3Processor:
+    """transformers' Idefics3Processor over the checkpoint's image processor and tokenizer; for
+    SmolVLM too, whose own processor needs torchvision and num2words (for video) and writes
+    the same image text."""
+    with open(f"{model_dir}/processor_config.json") as f:
+        seq_len = json.load(f)["image_seq_len"]
+    return transformers.Idefics3Processor(
+        transformers.AutoImageProcessor.from_pretrained(model_dir),
+        transformers.AutoTokenizer.from_pretrained(model_dir),
+        image_seq_len=seq_len,
+    )
+
+
 class VLMReference:
     def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         self.model_dir = model_dir
@@ -71,6 +85,9 @@ class VLMReference:
         )
         if self.arch == "InternVLForConditionalGeneration":
             processor = internvl_processor(self.model_dir)
+            return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        if self.arch in ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
+            processor = idefics3_processor(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
         if "Qwen" not in self.arch:
             processor = transformers.AutoProcessor.from_pretrained(self.model_dir)

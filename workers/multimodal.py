@@ -25,6 +25,9 @@ class SeqImage:
     # [length, hidden * (1 + DeepStack levels)]: the placeholders' embeddings, then each
     # level's rows (Qwen3-VL); kept side by side so one slice serves a chunk's tokens.
     features: torch.Tensor
+    # Which rows of the span are placeholders, in order (None: all of them); the others are
+    # text tokens inside the image's span (Idefics3's row/column and frame separators).
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,7 +127,10 @@ class ImageInputs:
                 reasons = [bad[meta.hash] for meta, _ in images if meta.hash in bad]
                 if reasons:
                     raise ValueError(reasons[0])
-                ready[new.seq_id] = (self._seq_images(images, found), self._positions(new, images))
+                ready[new.seq_id] = (
+                    self._seq_images(new, images, found),
+                    self._positions(new, images),
+                )
             except Exception as exc:
                 failed[new.seq_id] = f"the model could not take this request's image: {exc}"
         return ready, failed
@@ -154,17 +160,22 @@ class ImageInputs:
         return dict(zip(todo, self.model.vision(batch), strict=True))
 
     def _seq_images(
-        self, images: list[tuple[ImageMeta, list]], found: dict[str, torch.Tensor]
+        self, new: NewSeq, images: list[tuple[ImageMeta, list]], found: dict[str, torch.Tensor]
     ) -> list[SeqImage]:
         out = []
         for meta, _ in images:
-            features = found[meta.hash]
-            if features.shape[0] != meta.length:
+            features, rows = found[meta.hash], None
+            placeholders = meta.length
+            if self.model.image_span_holds_text:
+                span = torch.tensor(new.token_ids[meta.offset : meta.offset + meta.length])
+                rows = (span == self.model.image_token_id).nonzero().flatten()
+                placeholders = len(rows)
+            if features.shape[0] != placeholders:
                 raise ValueError(
                     f"image {meta.hash[:12]} encodes to {features.shape[0]} rows "
-                    f"for {meta.length} placeholder tokens"
+                    f"for {placeholders} placeholder tokens"
                 )
-            out.append(SeqImage(meta.offset, meta.length, features))
+            out.append(SeqImage(meta.offset, meta.length, features, rows))
         return out
 
     def _positions(self, new: NewSeq, images: list) -> SeqPositions | None:
@@ -190,9 +201,15 @@ class ImageInputs:
         for row, start, end, images in spans:
             for image in images:  # the part of each image that this chunk of tokens covers
                 a, b = max(start, image.offset), min(end, image.offset + image.length)
-                if a < b:
+                if a >= b:
+                    continue
+                if image.rows is None:
                     rows.append(torch.arange(row + a - start, row + b - start))
                     features.append(image.features[a - image.offset : b - image.offset])
+                else:  # only its placeholders: span rows a..b that are image tokens
+                    inside = (image.rows >= a - image.offset) & (image.rows < b - image.offset)
+                    rows.append(image.rows[inside] + image.offset - start + row)
+                    features.append(image.features[inside])
         if not rows:
             return embeds, None
         hidden = embeds.shape[-1]

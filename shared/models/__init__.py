@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import os
 
-from vlmserve.shared.models import internvl, llama, llava, llava_original, qwen2_vl, qwen3_vl
+from vlmserve.shared.models import (
+    idefics3,
+    internvl,
+    llama,
+    llava,
+    llava_original,
+    qwen2_vl,
+    qwen3_vl,
+)
 from vlmserve.shared.models.spec import ModelInfo, ModelSpec, read_json, session_len
 
 __all__ = [
@@ -31,6 +39,7 @@ SPECS: list[ModelSpec] = [
     *qwen2_vl.SPECS,
     *qwen3_vl.SPECS,
     *internvl.SPECS,
+    *idefics3.SPECS,
 ]
 _BY_ARCHITECTURE = {name: spec for spec in SPECS for name in spec.architectures}
 

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from vlmserve.shared.models import ModelSpec
+from vlmserve.workers.models.idefics3 import Idefics3Model, SmolVLMModel
 from vlmserve.workers.models.internvl import InternVLModel
 from vlmserve.workers.models.llama import (
     LlamaForCausalLM,
@@ -32,6 +33,8 @@ COMPUTE: dict[str, type[nn.Module]] = {
     "qwen2_5_vl": Qwen25VLModel,
     "qwen3_vl": Qwen3VLModel,
     "internvl": InternVLModel,
+    "idefics3": Idefics3Model,
+    "smolvlm": SmolVLMModel,
 }
 
 

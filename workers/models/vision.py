@@ -34,7 +34,8 @@ def build_vision_half(hf_config: Any, class_name: str) -> nn.Module:
         eos_token_id=None,
     )
     half = getattr(transformers, class_name)(config)
-    del half.language_model
+    # Idefics3 and SmolVLM call their language model text_model.
+    delattr(half, "language_model" if hasattr(half, "language_model") else "text_model")
     return half.eval()
 
 

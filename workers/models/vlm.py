@@ -29,6 +29,9 @@ class VisionLanguageModel(nn.Module):
     name_prefixes: list[tuple[str, str]] = []
     uses_mrope = False  # multimodal RoPE: positions [3, tokens] from rope_index
     encoder = VisionEncoder  # what runs the vision half (one that returns DeepStack levels)
+    # An image's placeholders are all the tokens of its span, or (Idefics3's tile separators)
+    # only its image_token_id ones, the others keeping their own embeddings.
+    image_span_holds_text = False
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()

@@ -1,0 +1,209 @@
+"""Idefics3 and SmolVLM against transformers.
+
+Each image is split into sub-images plus a global one, and its span in the prompt holds the
+separators between them (`<fake_token_around_image>`, `<row_r_col_c>`, newlines, `<global-img>`),
+so only some of the span's rows take the vision half's output. The input side must expand and
+tokenize as transformers' processor does; through the real server, 8 requests in flight (one
+image, two images, text only, by data URL and by http URL) must give transformers' greedy tokens
+with exact `usage.prompt_tokens`, with prefill chunks and cached prefix blocks that end inside
+images (between and within sub-images), twice (encoder cache and prefix cache the second time);
+SmolVLM at --tp 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import openai
+import pytest
+import torch
+import transformers
+from PIL import Image
+from server_fixtures import file_server, local_config
+from vlm_reference import VLMReference, data_url, idefics3_processor, template_messages
+
+from vlmserve.deploy.launcher import server
+from vlmserve.shared.models import checkpoint_spec
+from vlmserve.workers.demo_idefics3 import SEQ_LEN, build_idefics3
+
+MAX_NEW = 10
+
+
+def make_images() -> list[Image.Image]:
+    """Seeded noise, a flat colour and a gradient: 2x3, 2x3 and 3x3 sub-images for the Idefics3
+    demo (images up to 96 pixels, 32-pixel frames), 2x2, 1x2 and 2x2 for SmolVLM's (64)."""
+    noise = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    return [
+        Image.fromarray(noise),
+        Image.new("RGB", (70, 30), (10, 200, 30)),
+        Image.linear_gradient("L").resize((64, 64)).convert("RGB"),
+    ]
+
+
+def one(i: int, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"IMG{i}"}},
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+TWO = [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "IMG0"}},
+    {"type": "text", "text": "compare these"},
+    {"type": "image_url", "image_url": {"url": "IMG1"}},
+]}]  # fmt: skip
+CHATS = [  # (messages, indices of the images they show)
+    (one(0, "describe"), [0]),
+    (TWO, [0, 1]),
+    ([{"role": "user", "content": "no picture here, just words"}], []),
+    (one(1, "what colour"), [1]),
+    (one(2, "tell me"), [2]),
+    (
+        [
+            *one(2, "what is it"),
+            {"role": "assistant", "content": "a gradient"},
+            {"role": "user", "content": "and the colours?"},
+        ],
+        [2],
+    ),  # fmt: skip
+    (one(0, "again, describe"), [0]),
+    (TWO, [0, 1]),
+]
+
+
+def with_urls(messages: list[dict], base: str | None) -> list[dict]:
+    """IMG<i> as a data URL, or by http from `base`."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [dict(p) for p in content]
+            for p in content:
+                if p["type"] == "image_url":
+                    i = int(p["image_url"]["url"][3:])
+                    url = f"{base}/{i}.png" if base else data_url(make_images()[i])
+                    p["image_url"] = {"url": url}
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("idefics3-images")
+    for i, img in enumerate(make_images()):
+        img.save(root / f"{i}.png")
+    with file_server(str(root)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp(request.param)
+    return build_idefics3(str(root / "ckpt"), smolvlm=request.param == "smolvlm")
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_prompt_and_frames_as_transformers_processor(checkpoint: str, split: bool) -> None:
+    """Our expansion, tokenization and per-image frames equal transformers' processor's, with
+    the image processor splitting images and without; each image's span holds exactly its
+    frames' placeholders and the separators between them."""
+    processor = idefics3_processor(checkpoint)
+    processor.image_processor.do_image_splitting = split
+    ours = checkpoint_spec(checkpoint).image_processor(checkpoint)
+    ours.image_processor.do_image_splitting = split
+    image_id = processor.image_token_id
+    for messages, idx in CHATS:
+        images = [make_images()[i] for i in idx]
+        text = processor.tokenizer.apply_chat_template(
+            template_messages(messages), tokenize=False, add_generation_prompt=True
+        )
+        if not images:
+            continue
+        theirs = processor(text=[text], images=images, return_tensors="np")
+        ids, placed = ours.process(text, images)
+        assert ids == theirs["input_ids"][0].tolist(), f"{messages}: token ids"
+        frames = np.concatenate([p.arrays["pixel_values"] for p in placed])
+        np.testing.assert_array_equal(frames, theirs["pixel_values"][0])
+        masks = np.concatenate([p.arrays["pixel_attention_mask"] for p in placed])
+        np.testing.assert_array_equal(masks, theirs["pixel_attention_mask"][0])
+        for p in placed:
+            span = np.array(ids[p.offset : p.offset + p.length])
+            n = int(p.arrays["frames"][0])
+            assert n == len(p.arrays["pixel_values"]) and (n > 1) == split
+            assert (span == image_id).sum() == n * SEQ_LEN
+            assert span[0] == span[-1] == image_id and ids[p.offset - 1] != image_id
+
+
+def test_vision_half_rows_equal_transformers(checkpoint: str) -> None:
+    """Our vision half, on two images batched (their frames one after another), returns per
+    image exactly transformers' image features, as many rows as the image's placeholders."""
+    from vlmserve.workers.models.registry import build_model
+
+    spec = checkpoint_spec(checkpoint)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    model = build_model(spec, spec.hf_config(checkpoint))
+    ours = model.vision
+    state = {
+        model.map_checkpoint_name(k).removeprefix("vision."): v for k, v in ref.state_dict().items()
+    }
+    ours.load_state_dict({k: v for k, v in state.items() if k.startswith("hf.")})
+    images = make_images()
+    _, placed = spec.image_processor(checkpoint).process("<image> and <image>", images[:2])
+    batch = {
+        k: torch.cat([torch.from_numpy(p.arrays[k]) for p in placed]) for k in placed[0].arrays
+    }
+    with torch.no_grad():
+        rows = ours(batch)
+        for p, got in zip(placed, rows, strict=True):
+            pixels = torch.from_numpy(p.arrays["pixel_values"])[None]
+            mask = torch.from_numpy(p.arrays["pixel_attention_mask"])[None]
+            want = ref.get_image_features(pixels, mask).pooler_output[0]
+            assert got.shape[0] == int(p.arrays["frames"][0]) * SEQ_LEN
+            torch.testing.assert_close(got, want)
+
+
+def test_served_like_transformers(
+    checkpoint: str, image_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    ref = VLMReference(checkpoint)
+    images = make_images()
+    expected = [ref.greedy(msgs, [images[i] for i in idx], MAX_NEW) for msgs, idx in CHATS]
+    texts = [ref.text(tokens) for _, tokens in expected]
+    del ref
+    smolvlm = checkpoint_spec(checkpoint).family == "smolvlm"
+    # Small steps: prefill chunks end inside images, mid sub-image and on separators, beside
+    # other requests' chunks and decodes; 4-token blocks put cached prefixes there too.
+    config = local_config(
+        checkpoint, str(tmp_path_factory.mktemp("server")), allowed_media_domains="127.0.0.1",
+        max_batched_tokens=7 if smolvlm else 19, max_batch_size=4 if smolvlm else 8,
+        block_size=4, num_kv_blocks=1024,
+        tp=2 if smolvlm else 1,
+    )  # fmt: skip
+
+    async def ask_all(url: str) -> list:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        try:
+            jobs = [
+                client.chat.completions.create(
+                    model="ckpt",
+                    messages=with_urls(msgs, image_server if i % 2 else None),
+                    max_tokens=MAX_NEW,
+                    temperature=0,
+                )  # fmt: skip
+                for i, (msgs, _) in enumerate(CHATS)
+            ]
+            return await asyncio.gather(*jobs)
+        finally:
+            await client.close()
+
+    with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:
+        first = asyncio.run(ask_all(srv["url"]))
+        again = asyncio.run(ask_all(srv["url"]))  # encoder cache, prefixes cut mid-image
+    for label, replies in (("first", first), ("cached", again)):
+        for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
+            what = f"{label} round, request {i} ({len(CHATS[i][1])} images)"
+            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
+            assert reply.choices[0].message.content == texts[i], (
+                f"{what}: differs from transformers' greedy tokens {tokens}"
+            )
+            assert reply.usage.completion_tokens == len(tokens), what
