@@ -200,11 +200,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="vlmserve demo-checkpoint",
         description="Write a tiny random-weight checkpoint in Hugging Face format (no download).",
     )
+    from vlmserve.workers.demo_idefics3 import IDEFICS3_ARCHES, build_idefics3
     from vlmserve.workers.demo_internvl import INTERNVL_ARCHES, build_internvl
     from vlmserve.workers.demo_vlm import VISION_ARCHES, build_vision_checkpoint
 
     parser.add_argument("dir")
-    arches = [*ARCHES, *VISION_ARCHES, *INTERNVL_ARCHES]
+    arches = [*ARCHES, *VISION_ARCHES, *INTERNVL_ARCHES, *IDEFICS3_ARCHES]
     parser.add_argument("--arch", default="llama", choices=arches)
     parser.add_argument("--size", default="tiny", choices=list(SIZES), help="text models only")
     parser.add_argument("--seed", type=int, default=0)
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.arch in INTERNVL_ARCHES:
         build_internvl(args.dir, seed=args.seed, text_arch=INTERNVL_ARCHES[args.arch])
+    elif args.arch in IDEFICS3_ARCHES:
+        build_idefics3(args.dir, smolvlm=args.arch == "smolvlm", seed=args.seed)
     elif args.arch in VISION_ARCHES:
         build_vision_checkpoint(args.dir, args.arch, seed=args.seed)
     else:

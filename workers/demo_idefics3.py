@@ -16,6 +16,7 @@ import transformers
 from vlmserve.workers.demo_checkpoint import fast_tokenizer
 from vlmserve.workers.demo_vlm import TEXT
 
+IDEFICS3_ARCHES = ("idefics3", "smolvlm")  # demo-checkpoint --arch names
 FRAME, PATCH, SCALE = 32, 4, 2
 SEQ_LEN = (FRAME // PATCH) ** 2 // SCALE**2  # <image> tokens per frame
 IMAGE_TOKENS = [
