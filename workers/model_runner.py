@@ -7,6 +7,7 @@ rank 0's sampled tokens are sent back to the scheduler.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from vlmserve.shared.messages import (
 )
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import step_context
-from vlmserve.workers.attention.metadata import AttentionMetadata, build_metadata
+from vlmserve.workers.attention.metadata import AttentionMetadata
 from vlmserve.workers.layers.deepstack import LayerAdditions
 from vlmserve.workers.logits_processors import (
     FACTORIES,
@@ -38,6 +39,7 @@ from vlmserve.workers.prompt_logprobs import (
     split_scores,
 )
 from vlmserve.workers.sampler import SamplingInput, sample
+from vlmserve.workers.seq_table import SeqTable
 
 
 @dataclass
@@ -46,7 +48,6 @@ class SeqState:
     prompt_len: int
     sampling: SamplingParams
     seed: int
-    block_table: list[int] = field(default_factory=list)
     images: list[SeqImage] = field(default_factory=list)
     mrope: SeqPositions | None = None  # Qwen2-VL's multimodal positions
     processors: list[LogitsProcessor] = field(default_factory=list)  # rank 0's only
@@ -91,6 +92,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.seqs: dict[int, SeqState] = {}
+        self.table = SeqTable(device)  # block tables on the device, one row per sequence
         self.images = None
         if hasattr(model, "vision"):
             self.images = ImageInputs(model, device, encoder_cache_bytes)
@@ -100,8 +102,11 @@ class ModelRunner:
         images could not be used), which are dropped here and left out of the step."""
         for seq_id in plan.freed_seq_ids:
             self.seqs.pop(seq_id, None)
+            self.table.remove(seq_id)
         for new in plan.new_seqs:
             self.seqs[new.seq_id] = self._new_state(new)
+            self.table.remove(new.seq_id)  # a resumed sequence starts its table anew
+            self.table.add(new.seq_id)
         failed: dict[int, str] = {}
         if self.images is not None and plan.new_seqs:
             arrived, failed = self.images.arrive(plan.new_seqs, frames)
@@ -109,12 +114,13 @@ class ModelRunner:
                 self.seqs[seq_id].images, self.seqs[seq_id].mrope = images, mrope
             for seq_id in failed:
                 del self.seqs[seq_id]
+                self.table.remove(seq_id)
         for step in plan.seqs:
             if step.seq_id in failed:
                 continue
             state = self.seqs[step.seq_id]
             state.token_ids.extend(step.new_token_ids)
-            state.block_table.extend(step.new_block_ids)
+            self.table.append_blocks(step.seq_id, step.new_block_ids)
         return failed
 
     def _new_state(self, new: NewSeq) -> SeqState:
@@ -130,14 +136,12 @@ class ModelRunner:
         """Flatten the step's sequences, decodes (one new token each) first."""
         steps = sorted(steps, key=lambda step: step.num_tokens != 1)  # stable: plan order kept
         states = [self.seqs[step.seq_id] for step in steps]
-        metadata = build_metadata(
-            [step.start for step in steps],
-            [step.num_tokens for step in steps],
-            [state.block_table for state in states],
-            self.block_size,
-            self.device,
+        input_ids: list[int] = list(
+            chain.from_iterable(
+                state.token_ids[step.start : step.start + step.num_tokens]
+                for step, state in zip(steps, states, strict=True)
+            )
         )
-        input_ids: list[int] = []
         mrope: list[torch.Tensor] = []
         image_spans = []
         sample_rows: list[int] = []
@@ -145,10 +149,9 @@ class ModelRunner:
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_spans: list[tuple[int, int, int]] = []
+        row = 0
         for step, state in zip(steps, states, strict=True):
             start, end = step.start, step.start + step.num_tokens
-            row = len(input_ids)
-            input_ids.extend(state.token_ids[start:end])
             if state.mrope is not None:
                 mrope.append(state.mrope.span(start, end))
             if state.images and start < state.images[-1].offset + state.images[-1].length:
@@ -162,7 +165,15 @@ class ModelRunner:
                 prompt_rows += [row + p - start for p in scored]
                 prompt_targets += state.token_ids[scored.start + 1 : scored.stop + 1]
                 prompt_spans.append((step.seq_id, scored.start, len(scored)))
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            row += step.num_tokens
+        metadata, ids, sample_rows_t = self.table.metadata(
+            [step.seq_id for step in steps],
+            [step.start for step in steps],
+            [step.num_tokens for step in steps],
+            input_ids,
+            sample_rows,
+            self.block_size,
+        )
         embeds, additions = self.images.embed(ids, image_spans) if image_spans else (None, None)
         return Batch(
             input_ids=ids,
@@ -171,7 +182,7 @@ class ModelRunner:
             input_embeds=embeds,
             additions=additions,
             metadata=metadata,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            sample_rows=sample_rows_t,
             sample_seq_ids=sample_seq_ids,
             prompt_rows=torch.tensor(prompt_rows, dtype=torch.long, device=self.device)
             if prompt_rows
