@@ -84,6 +84,14 @@ def shrink_vision(vision: dict, text_hidden: int, model_type: str) -> dict:
             depth=levels + 1, num_heads=2, hidden_size=32, intermediate_size=64,
             out_hidden_size=text_hidden, deepstack_visual_indexes=list(range(1, levels + 1)),
         )  # fmt: skip
+    if model_type == "internvl":  # tiles keep their pixels, so rows per tile stay as published
+        return out | dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+        )
+    if model_type in ("idefics3", "smolvlm"):  # frames keep their pixels and patches
+        return out | dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+        )
     if model_type == "qwen2_vl":  # embed_dim inside; hidden_size is the merger's output
         return out | dict(depth=2, num_heads=2, embed_dim=32, hidden_size=text_hidden)
     if vision.get("model_type", "clip_vision_model") == "clip_vision_model":
@@ -120,7 +128,22 @@ def published_special_tokens(config_dir: str) -> dict[int, str]:
     found = {int(i): t["content"] for i, t in decoder.items()}
     added = read_json(os.path.join(config_dir, "added_tokens.json"))
     found |= {int(i): content for content, i in added.items()}
+    for content in _mapped_only(config_dir).values():  # base-vocabulary tokens: ids unknown
+        if content not in found.values():
+            found[min(set(range(len(found) + 1)) - set(found))] = content
     return found or {0: "<unk>", 1: "<s>", 2: "</s>"}
+
+
+def _mapped_only(config_dir: str) -> dict[str, str]:
+    """The bos/eos/unk/pad tokens of a special_tokens_map.json published without a
+    tokenizer_config.json (SmolVLM2's folder); {} otherwise. Those of them that are not added
+    tokens are base-vocabulary ones whose ids the folder does not say: they take the lowest
+    free ids."""
+    if os.path.exists(os.path.join(config_dir, "tokenizer_config.json")):
+        return {}
+    named = read_json(os.path.join(config_dir, "special_tokens_map.json"))
+    roles = ("bos_token", "eos_token", "unk_token", "pad_token")
+    return {role: _content(named[role]) for role in roles if named.get(role)}
 
 
 def _content(token: str | dict | None) -> str | None:
@@ -131,6 +154,8 @@ def published_bos(config_dir: str) -> str | None:
     """The BOS the published tokenizer adds to every text, if it adds one: Llama-family
     tokenizers (their `add_bos_token`, true by default; Llama 3's fast tokenizer always)."""
     config = read_json(os.path.join(config_dir, "tokenizer_config.json"))
+    if not config and _mapped_only(config_dir):
+        return None  # SmolVLM2's byte-level tokenizer: its chat template writes the BOS
     if not config:
         return "<s>"  # the original LLaVA and Vicuna repositories: Llama's tokenizer
     bos = _content(config.get("bos_token"))
@@ -176,9 +201,11 @@ def real_tokenizer(config_dir: str, seed: int) -> Tokenizer:
 
 def save_tokenizer(config_dir: str, out_dir: str, seed: int) -> None:
     """tokenizer.json from `real_tokenizer`; tokenizer_config.json as published (or, with
-    none published, one naming Llama's special tokens)."""
+    none published, one naming the special tokens map's tokens, or else Llama's)."""
     real_tokenizer(config_dir, seed).save(os.path.join(out_dir, "tokenizer.json"))
     published = read_json(os.path.join(config_dir, "tokenizer_config.json"))
+    if not published and _mapped_only(config_dir):
+        published = {"tokenizer_class": "PreTrainedTokenizerFast", **_mapped_only(config_dir)}
     if not published:
         published = {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
