@@ -3,12 +3,12 @@
 The input side must write what transformers' InternVLProcessor writes (tiles by aspect ratio
 plus a thumbnail, `<img>`, rows of `<IMG_CONTEXT>`, `</img>`) for images of 1 to 5 tiles; the
 vision half must give each image exactly as many rows as its placeholders, equal to
-transformers' image features; and through the real server, InternVL3.5 (Qwen3 decoder) with
-7-token steps and 4-token blocks, so that prefill chunks and cached prefixes cut through an
-image's tiles, answers like transformers twice, the second time from the prefix cache, which
-must tell apart two images of the same size and different pixels. The 8 mixed requests (1 and 2
-images, text only) are in test_vlm.py, InternVL3 and 3.5 among them; a config of transformers'
-InternVL defaults, shrunk, in test_real_configs.py.
+transformers' image features; and through the real server at --tp 2, InternVL3.5 (Qwen3
+decoder) with 7-token steps and 4-token blocks, so that prefill chunks and cached prefixes cut
+through an image's tiles, answers like transformers twice, the second time from the prefix
+cache, which must tell apart two images of the same size and different pixels. The 8 mixed
+requests (1 and 2 images, text only) are in test_vlm.py, InternVL3 and 3.5 among them; a config
+of transformers' InternVL defaults, shrunk, in test_real_configs.py.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_vision_half_gives_the_rows_the_processor_counted(internvl3: str) -> Non
         torch.testing.assert_close(rows, want.flatten(0, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_internvl3_5_chunks_and_prefix_cache_cut_through_tiles(
+def test_internvl3_5_tp2_chunks_and_prefix_cache_cut_through_tiles(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     root = tmp_path_factory.mktemp("internvl3_5")
@@ -113,8 +113,9 @@ def test_internvl3_5_chunks_and_prefix_cache_cut_through_tiles(
     # Same size, same prompt tokens: only the pixels differ, and so must the answers, or a
     # prefix cache keyed on tokens alone would pass.
     assert expected[0][1] != expected[1][1], "red and blue answer alike: no content check"
+    # --tp 2 (gloo): each rank runs the replicated vision tower on the step's tiles.
     config = local_config(
-        model_dir, str(root), max_batched_tokens=7, max_batch_size=4, block_size=4,
+        model_dir, str(root), tp=2, max_batched_tokens=7, max_batch_size=4, block_size=4,
         num_kv_blocks=256,
     )  # fmt: skip
 
