@@ -59,11 +59,11 @@ def build_metadata(
     while num_decodes < num_seqs and query_lens[num_decodes] == 1:
         num_decodes += 1
     return AttentionMetadata(
-        query_start_loc=query_start_loc.to(device),
-        seq_lens=seq_lens.to(device),
-        block_tables=tables.to(device),
-        slot_mapping=(blocks * block_size + positions % block_size).to(device),
-        positions=positions.to(device),
+        query_start_loc=to_device(query_start_loc, device),
+        seq_lens=to_device(seq_lens, device),
+        block_tables=to_device(tables, device),
+        slot_mapping=to_device(blocks * block_size + positions % block_size, device),
+        positions=to_device(positions, device),
         query_start_loc_cpu=query_start_loc,
         seq_lens_cpu=seq_lens,
         block_size=block_size,
@@ -73,6 +73,15 @@ def build_metadata(
         max_query_len=max(query_lens),
         max_seq_len=max_seq_len,
     )
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To CUDA through pinned memory, without blocking the host: the
+    copy is queued on the current stream ahead of the kernels that read it, and the caching
+    host allocator keeps the pinned buffer until the copy is done. (A pageable copy waits.)"""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def padded_block_tables(block_tables: list[list[int]], width: int) -> torch.Tensor:
