@@ -16,7 +16,7 @@ from vlmserve.frontend.errors import bad_request
 from vlmserve.frontend.media_fetch import image_hash
 from vlmserve.frontend.schemas import ChatMessage, ImagePart, ToolChatMessage
 from vlmserve.shared.models import checkpoint_spec
-from vlmserve.shared.models.processing import tokenize_rendered
+from vlmserve.shared.models.processing import processor_chat_template, tokenize_rendered
 
 
 @dataclass
@@ -61,7 +61,8 @@ class Prompter:
         self.session_len = session_len
         self.images = spec.image_processor(model_dir)  # None: text only
         if self.tokenizer.chat_template is None:
-            self.tokenizer.chat_template = spec.chat_template()
+            template = processor_chat_template(model_dir) or spec.chat_template()
+            self.tokenizer.chat_template = template
 
     def render_chat(
         self,

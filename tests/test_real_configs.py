@@ -23,7 +23,11 @@ from vlm_reference import VLMReference, data_url, template_messages
 
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.models import checkpoint_spec, supported_architectures
-from vlmserve.shared.models.processing import needs_special_tokens, tokenize_rendered
+from vlmserve.shared.models.processing import (
+    needs_special_tokens,
+    processor_chat_template,
+    tokenize_rendered,
+)
 from vlmserve.shared.models.spec import as_list
 from vlmserve.workers.demo_real import build_from_config
 
@@ -186,6 +190,7 @@ def test_real_config_serves_like_transformers(name: str, tmp_path_factory) -> No
     chats = _chats(checkpoint_spec(model_dir).image_processor(model_dir) is not None)
     expected = _reference(model_dir, chats)
     template = transformers.AutoTokenizer.from_pretrained(model_dir).chat_template
+    template = template or processor_chat_template(model_dir)  # SmolVLM2's chat_template.json
     has_template = (template or checkpoint_spec(model_dir).chat_template()) is not None
     config = local_config(model_dir, str(root), num_kv_blocks=512)
     with server(config, os.path.join(str(root), "server.log")) as srv:

@@ -75,6 +75,11 @@ class VLMReference:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
+        elif self.tokenizer.chat_template is None:  # the processor's (SmolVLM2's), if any
+            path = os.path.join(model_dir, "chat_template.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.tokenizer.chat_template = json.load(f)["chat_template"]
         self.model = transformers.AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=torch.float32
         ).eval()

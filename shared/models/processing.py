@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 
@@ -28,3 +30,15 @@ def needs_special_tokens(tokenizer: Any, text: str) -> bool:
 
 def tokenize_rendered(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=needs_special_tokens(tokenizer, text))["input_ids"]
+
+
+def processor_chat_template(model_dir: str) -> str | None:
+    """The template a checkpoint keeps beside its processor (chat_template.json, as SmolVLM2's
+    and other VLMs' are published), which transformers' processor reads and its tokenizer
+    does not; None when there is none."""
+    path = os.path.join(model_dir, "chat_template.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        template = json.load(f).get("chat_template")
+    return template if isinstance(template, str) else None
