@@ -6,9 +6,10 @@ vision half must give each image exactly as many rows as its placeholders, equal
 transformers' image features; and through the real server at --tp 2, InternVL3.5 (Qwen3
 decoder) with 7-token steps and 4-token blocks, so that prefill chunks and cached prefixes cut
 through an image's tiles, answers like transformers twice, the second time from the prefix
-cache, which must tell apart two images of the same size and different pixels. The 8 mixed
-requests (1 and 2 images, text only) are in test_vlm.py, InternVL3 and 3.5 among them; a config
-of transformers' InternVL defaults, shrunk, in test_real_configs.py.
+cache, which must tell apart two images of the same size and different pixels; a placeholder
+typed into a message is a 400 naming the messages. The 8 mixed requests (1 and 2 images, text
+only) are in test_vlm.py, InternVL3 and 3.5 among them; a config of transformers' InternVL
+defaults, shrunk, in test_real_configs.py.
 """
 
 from __future__ import annotations
@@ -159,6 +160,19 @@ def test_internvl3_5_tp2_chunks_and_prefix_cache_cut_through_tiles(
             10,
             "prefix cache hits",
         )
+        # A placeholder typed into the text leaves one image with two places: a 400 naming
+        # the messages, and the server goes on serving.
+        typed = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(red)}},
+            {"type": "text", "text": "is <IMG_CONTEXT> here"}]}]  # fmt: skip
+        client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="ckpt", messages=typed, max_tokens=2)
+        assert err.value.body["param"] == "messages", err.value.body
+        after = client.chat.completions.create(
+            model="ckpt", messages=with_urls(*chats[0]), max_tokens=MAX_NEW, temperature=0
+        )
+        assert after.choices[0].message.content == texts[0]
     assert hits > 0
     for label, replies in rounds.items():
         for i, reply in replies.items():
