@@ -25,6 +25,7 @@ from report import write_json
 
 from vlmserve.deploy.launcher import scheduler_and_workers
 from vlmserve.frontend.offline import run_async
+from vlmserve.shared.config import Config
 from vlmserve.shared.messages import SamplingParams
 from vlmserve.workers.demo_checkpoint import build_checkpoint
 
@@ -47,14 +48,16 @@ def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
     ]
 
 
-def run_engine(model_dir: str, work: list, batch: int) -> dict:
+def run_engine(model_dir: str, work: list, batch: int, attention_backend: str) -> dict:
     requests = [
         (prompt, SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True))
         for prompt, out in work
     ]
     with (
         tempfile.TemporaryDirectory() as tmp,
-        scheduler_and_workers(model_dir, tmp, max_batch_size=batch) as eng,
+        scheduler_and_workers(
+            model_dir, tmp, max_batch_size=batch, attention_backend=attention_backend
+        ) as eng,
     ):
         config = eng["config"]
         print("engine: warming up ...", flush=True)
@@ -111,18 +114,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--attention-backend", default=Config().attention_backend)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "engine.json"))
     args = parser.parse_args()
     model_dir = bench_checkpoint()
     config = transformers.AutoConfig.from_pretrained(model_dir)
     work = workload(args.requests, config.vocab_size, args.seed)
-    ours = run_engine(model_dir, work, args.batch)
+    ours = run_engine(model_dir, work, args.batch, args.attention_backend)
     theirs = None if args.skip_transformers else run_transformers(model_dir, work, args.batch)
     report = {
         "workload": {
             "requests": args.requests, "batch": args.batch, "seed": args.seed,
             "prompt_len": [32, 512], "output_len": [16, 256], "dtype": "float32",
             "torch_threads": torch.get_num_threads(),
+            "attention_backend": args.attention_backend,
         },
         "vlmserve": ours,
         "transformers": theirs,

@@ -50,8 +50,9 @@ HELP: dict[str, str] = {
     "cache_max_entry_count": "fraction of free device memory (on cpu: of --cpu-cache-gib) for KV",
     "cpu_cache_gib": "memory budget on cpu that --cache-max-entry-count is a fraction of",
     "num_kv_blocks": "exact number of KV blocks, overriding the memory-based size (0: off)",
-    "attention_backend": "attention kernels the workers run over the KV cache: torch (the "
-    "plain-torch reference, also the CPU path)",
+    "attention_backend": "attention kernels the workers run over the KV cache: sdpa (torch's "
+    "fused scaled-dot-product kernels, the fast CPU path) or torch (the plain-torch reference "
+    "every backend is tested against)",
     "worker_timeout": "seconds without a heartbeat after which a worker counts as dead",
     "worker_startup_timeout": "seconds the scheduler waits for every worker to load and report "
     "ready",
@@ -124,7 +125,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cache_max_entry_count: float = 0.8
     cpu_cache_gib: float = 4.0
     num_kv_blocks: int = 0
-    attention_backend: str = "torch"
+    attention_backend: str = "sdpa"
     worker_timeout: float = 3.0
     worker_startup_timeout: float = 900.0
     seed: int = 0
