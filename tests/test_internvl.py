@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 import numpy as np
 import openai
@@ -23,6 +24,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.torch import save_file
 from server_fixtures import local_config, metrics, wait_for
 from vlm_reference import VLMReference, data_url, internvl_processor
 
@@ -90,6 +92,27 @@ def test_vision_half_gives_the_rows_the_processor_counted(internvl3: str) -> Non
             pixels = torch.from_numpy(np.array(p.arrays["pixel_values"]))
             want = theirs.model.get_image_features(pixel_values=pixels).pooler_output
         torch.testing.assert_close(rows, want.flatten(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_both_weight_layouts_load_alike(internvl3: str, tmp_path) -> None:  # noqa: ANN001
+    """The builder's files hold transformers 4's names (`language_model.model.`,
+    `vision_tower.`, `multi_modal_projector.`); checkpoints saved as transformers 5 models
+    name them `model.language_model.` etc. and may write a tied `lm_head.weight`: same model."""
+    theirs = transformers.InternVLForConditionalGeneration.from_pretrained(
+        internvl3, dtype=torch.float32
+    )
+    state = {k: v.detach().clone().contiguous() for k, v in theirs.state_dict().items()}
+    assert {"lm_head.weight", "model.language_model.embed_tokens.weight"} <= set(state)
+    for name in os.listdir(internvl3):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(internvl3, name), tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cpu = torch.device("cpu")
+    ours = dict(load_model(internvl3, torch.float32, cpu).named_parameters())
+    again = dict(load_model(str(tmp_path), torch.float32, cpu).named_parameters())
+    assert ours.keys() == again.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, again[name]), name
 
 
 def test_internvl3_5_tp2_chunks_and_prefix_cache_cut_through_tiles(
