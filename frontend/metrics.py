@@ -88,6 +88,10 @@ class EngineCollector(Collector):
             return family
 
         yield gauge("engine_alive", "1 while the scheduler and every worker run", self.engine.alive)
+        if s is None:
+            # Not heard from the scheduler yet (this worker just started): no engine figures
+            # rather than zeros, which Prometheus would read as counters reset.
+            return
         yield gauge("num_requests_running", "Requests in the running batch.", _of(s, "num_running"))
         yield gauge(
             "num_requests_waiting", "Requests waiting to be scheduled.", _of(s, "num_waiting")

@@ -120,6 +120,17 @@ def traffic(srv: dict) -> dict:
     return {"replies": replies, "images": images + 1, "bad": 1}
 
 
+def idle_scrape(url: str) -> dict[str, float]:
+    """A scrape whose engine figures show the idle engine: the scheduler's status reaches each
+    frontend worker twice a second, and a worker that has not heard one yet reports
+    engine_alive 0 and no engine figures."""
+    return wait_for(
+        lambda: (m := scrape(url)).get("vlmserve:engine_alive") == 1
+        and m.get("vlmserve:num_requests_running") == 0 and m,
+        10, "the engine to be idle",
+    )  # fmt: skip
+
+
 def completion_lines(path: str) -> list[dict]:
     with open(path) as f:
         return [e for e in map(json.loads, filter(str.strip, f)) if e.get("event") == "request"]
@@ -131,10 +142,7 @@ def test_metrics_count_the_requests_across_workers(srv: dict, traffic: dict) -> 
     pids = {line["pid"] for line in completion_lines(srv["log"])}
     assert len(pids) == 2, f"both frontend workers should have answered requests: {pids}"
     # The engine's status reaches the frontends twice a second: wait for the idle state.
-    m = wait_for(
-        lambda: (m := scrape(srv["url"]))["vlmserve:num_requests_running"] == 0 and m,
-        10, "the engine to be idle",
-    )  # fmt: skip
+    m = idle_scrape(srv["url"])
     served = {series.split("{", 1)[0] for series in m}
     for name in LISTED:
         assert name in served, f"{name} missing from /metrics"
@@ -144,7 +152,7 @@ def test_metrics_count_the_requests_across_workers(srv: dict, traffic: dict) -> 
     reasons = [c["finish_reason"] for r in replies for c in r["choices"]]
     model = srv["config"].served_name
     for _ in range(3):  # several scrapes, answered by either worker: the same sums
-        m = scrape(srv["url"])
+        m = idle_scrape(srv["url"])
         assert m["vlmserve:generation_tokens_total"] == generated
         assert m["vlmserve:prompt_tokens_total"] == prompt
         assert m["vlmserve:request_success_total"] == choices
