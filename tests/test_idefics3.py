@@ -134,6 +134,16 @@ def test_prompt_and_frames_as_transformers_processor(checkpoint: str, split: boo
             assert span[0] == span[-1] == image_id and ids[p.offset - 1] != image_id
 
 
+def test_placeholders_that_do_not_pair_with_images_are_refused(checkpoint: str) -> None:
+    """A prompt whose `<image>` count differs from its images' (a user who typed `<image>`)
+    is a ValueError, which the frontend answers with a 400 naming `messages`."""
+    ours = checkpoint_spec(checkpoint).image_processor(checkpoint)
+    image = make_images()[0]
+    for text, images in (("<image> and <image>", [image]), ("none here", [image, image])):
+        with pytest.raises(ValueError, match="placeholders for"):
+            ours.process(text, images)
+
+
 def test_vision_half_rows_equal_transformers(checkpoint: str) -> None:
     """Our vision half, on two images batched (their frames one after another), returns per
     image exactly transformers' image features, as many rows as the image's placeholders."""
