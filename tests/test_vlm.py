@@ -61,6 +61,8 @@ BUILDERS = {
     "qwen3_vl": lambda d: build_qwen3_vl(d),
     "internvl": lambda d: build_internvl(d),  # InternVL3: Qwen2 decoder
     "internvl3_5": lambda d: build_internvl(d, text_arch="qwen3"),
+    # InternVL -hf checkpoints converted from InternLM2 decoders carry a Llama text config.
+    "internvl_llama": lambda d: build_internvl(d, text_arch="llama"),
     # The original LLaVA repository's format, against transformers' LLaVA-NeXT on the same
     # weights, prompted with the Vicuna conversation format those checkpoints use.
     "llava_original": lambda d: build_llava_original(d, d + "-twin"),

@@ -42,7 +42,8 @@ INTERNVL_TEMPLATE = (
 
 
 def build_internvl(out_dir: str, seed: int = 0, text_arch: str = "qwen2") -> str:
-    """InternVL3 (a Qwen2 decoder) or, with `text_arch` "qwen3", InternVL3.5."""
+    """InternVL3 (a Qwen2 decoder) or, with `text_arch` "qwen3", InternVL3.5; "llama" gives the
+    Llama text config of -hf checkpoints converted from InternLM2 decoders."""
     tokenizer = fast_tokenizer(512, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
                                "<|im_end|>", seed)  # fmt: skip
     tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS.values())})
