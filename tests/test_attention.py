@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmserve.shared.config import Config
 from vlmserve.workers.attention import sdpa_backend, torch_backend
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import current, step_context
@@ -222,3 +223,4 @@ def test_registry_names_every_backend_and_refuses_unknown_names() -> None:
         ValueError, match=r"unknown attention backend 'flash'; available: sdpa, torch"
     ):
         attention_backend("flash")
+    assert attention_backend(Config().attention_backend) is SdpaBackend, "the default"
