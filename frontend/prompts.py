@@ -52,6 +52,27 @@ def template_turn(message: ChatMessage) -> dict[str, Any]:
     return {k: v for k, v in turn.items() if v is not None}
 
 
+def drops_string_content(tokenizer: Any) -> bool:
+    """Whether the chat template writes nothing of a turn whose content is a plain string but
+    writes it as a text part (SmolVLM2's published template reads only content parts): such a
+    template gets every string content as one text part, as vLLM does for templates in the
+    OpenAI content format."""
+    probe = "vlmserve-probe"
+    turns = ([{"role": "user", "content": probe}],
+             [{"role": "user", "content": [{"type": "text", "text": probe}]}])  # fmt: skip
+    try:
+        as_string, as_parts = (tokenizer.apply_chat_template(t, tokenize=False) for t in turns)
+    except Exception:  # a template that cannot render a lone user turn: leave it as it is
+        return False
+    return probe not in as_string and probe in as_parts
+
+
+def as_text_parts(turn: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(turn.get("content"), str):
+        return turn | {"content": [{"type": "text", "text": turn["content"]}]}
+    return turn
+
+
 class Prompter:
     """The model's tokenizer and chat template, and the session length prompts must fit."""
 
@@ -63,6 +84,9 @@ class Prompter:
         if self.tokenizer.chat_template is None:
             template = processor_chat_template(model_dir) or spec.chat_template()
             self.tokenizer.chat_template = template
+        self.parts_only = self.tokenizer.chat_template is not None and drops_string_content(
+            self.tokenizer
+        )
 
     def render_chat(
         self,
@@ -73,6 +97,8 @@ class Prompter:
         """The conversation as the chat template writes it (with `tools`, when given, in the
         template's own tool section)."""
         dicts = [template_turn(message) for message in messages]
+        if self.parts_only:
+            dicts = [as_text_parts(turn) for turn in dicts]
         if self.tokenizer.chat_template is None:
             raise bad_request("this model has no chat template: use /v1/completions", "messages")
         try:
@@ -86,8 +112,11 @@ class Prompter:
 
     def render_chat_text(self, text: str) -> str:
         """A plain string as one user turn, rendered by the chat template."""
+        turn = {"role": "user", "content": text}
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            [as_text_parts(turn) if self.parts_only else turn],
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
     def encode_rendered(self, text: str) -> list[int]:

@@ -13,8 +13,10 @@ SmolVLM at --tp 2.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
+import msgspec
 import numpy as np
 import openai
 import pytest
@@ -25,10 +27,15 @@ from server_fixtures import file_server, local_config
 from vlm_reference import VLMReference, data_url, idefics3_processor, template_messages
 
 from vlmserve.deploy.launcher import server
+from vlmserve.frontend.prompts import Prompter, drops_string_content
+from vlmserve.frontend.schemas import ChatMessage
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.workers.demo_idefics3 import SEQ_LEN, build_idefics3
 
 MAX_NEW = 10
+REAL_SMOLVLM = os.path.join(
+    os.path.dirname(__file__), "data", "realconfigs", "HuggingFaceTB__SmolVLM2-256M-Video-Instruct"
+)
 
 
 def make_images() -> list[Image.Image]:
@@ -142,6 +149,30 @@ def test_placeholders_that_do_not_pair_with_images_are_refused(checkpoint: str) 
     for text, images in (("<image> and <image>", [image]), ("none here", [image, image])):
         with pytest.raises(ValueError, match="placeholders for"):
             ours.process(text, images)
+
+
+def test_template_reading_only_content_parts_gets_strings_as_parts(checkpoint: str) -> None:
+    """SmolVLM2's published template writes nothing of a plain-string content: the frontend
+    gives such a template every string as one text part; a template that takes strings (the
+    demo's) is left as it is."""
+
+    published = os.path.join(REAL_SMOLVLM, "chat_template.json")
+    prompter = Prompter(checkpoint, 4096)
+    assert not prompter.parts_only
+    messages = msgspec.convert(
+        [{"role": "user", "content": "how is the weather"},
+         {"role": "assistant", "content": "sunny"}, {"role": "user", "content": "and later?"}],
+        list[ChatMessage],
+    )  # fmt: skip
+    demo = prompter.render_chat(messages)
+    with open(published) as f:
+        prompter.tokenizer.chat_template = json.load(f)["chat_template"]
+    prompter.parts_only = drops_string_content(prompter.tokenizer)
+    assert prompter.parts_only
+    rendered = prompter.render_chat(messages)
+    # The published format, which the demo's template writes from strings (its BOS aside).
+    assert rendered == "<|im_start|>" + demo.removeprefix("<|im_start|>")
+    assert "how is the weather" in prompter.render_chat_text("how is the weather")
 
 
 def test_vision_half_rows_equal_transformers(checkpoint: str) -> None:

@@ -92,6 +92,16 @@ class VLMReference:
             processor = internvl_processor(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
         if self.arch in ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
+            # Every content as parts, as these processors' model cards write chats (SmolVLM2's
+            # published template writes nothing of a plain-string content).
+            parts = [
+                m | {"content": [{"type": "text", "text": m["content"]}]}
+                if isinstance(m["content"], str) else m
+                for m in template_messages(messages)
+            ]  # fmt: skip
+            text = self.tokenizer.apply_chat_template(
+                parts, tokenize=False, add_generation_prompt=True
+            )
             processor = idefics3_processor(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
         if "Qwen" not in self.arch:
