@@ -38,7 +38,13 @@ from vlmserve.workers.prompt_logprobs import (
     scored_positions,
     split_scores,
 )
-from vlmserve.workers.sampler import SamplingInput, sample
+from vlmserve.workers.sampler import (
+    PenaltyCounts,
+    SamplingInput,
+    has_penalties,
+    is_plain_greedy,
+    sample,
+)
 from vlmserve.workers.seq_table import SeqTable
 
 
@@ -51,6 +57,8 @@ class SeqState:
     images: list[SeqImage] = field(default_factory=list)
     mrope: SeqPositions | None = None  # Qwen2-VL's multimodal positions
     processors: list[LogitsProcessor] = field(default_factory=list)  # rank 0's only
+    plain: bool = False  # its token is the raw argmax (sampler.is_plain_greedy, no processor)
+    penalties: PenaltyCounts | None = None  # made at its first sampling when it has penalties
     # Set while the sequence wants the logprobs of its prompt and has not sampled yet.
     prompt_logprobs: PromptLogprobsBuffer | None = None
 
@@ -130,6 +138,7 @@ class ModelRunner:
             state.prompt_logprobs = PromptLogprobsBuffer(new.sampling.prompt_logprobs)
         if self.samples:  # made anew for a resumed sequence: they catch up from its tokens
             state.processors = processors_for(new.sampling, self.processor_factories)
+        state.plain = is_plain_greedy(new.sampling) and not state.processors
         return state
 
     def build_batch(self, steps: list[SeqStep]) -> Batch:
@@ -193,14 +202,19 @@ class ModelRunner:
             prompt_spans=tuple(prompt_spans),
         )
 
-    def _sampling_input(self, seq_ids: list[int]) -> SamplingInput:
+    def _sampling_input(self, seq_ids: list[int], vocab: int) -> SamplingInput:
         states = [self.seqs[seq_id] for seq_id in seq_ids]
+        for s in states:  # penalties read token counts kept on the device, caught up here
+            if s.penalties is None and has_penalties(s.sampling):
+                s.penalties = PenaltyCounts(vocab, self.device)
+            if s.penalties is not None:
+                s.penalties.update(s.token_ids, s.prompt_len)
         return SamplingInput.build(
             params=[s.sampling for s in states],
             seeds=[s.seed for s in states],
             output_counts=[len(s.token_ids) - s.prompt_len for s in states],
-            prompt_ids=[s.token_ids[: s.prompt_len] for s in states],
-            output_ids=[s.token_ids[s.prompt_len :] for s in states],
+            prompt_ids=[],
+            output_ids=[],
             eos_token_ids=self.eos_token_ids,
             device=self.device,
             processors=[
@@ -208,6 +222,7 @@ class ModelRunner:
                 for row, s in enumerate(states)
                 for processor in s.processors
             ],
+            penalty_counts=[s.penalties for s in states],
         )
 
     @torch.inference_mode()
@@ -236,9 +251,13 @@ class ModelRunner:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[], failed=failed)
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float()  # [seqs, vocab]
         prompt_logprobs = self._finished_prompts(batch.sample_seq_ids)
-        if not self.samples:  # every rank takes part in the logits' all-gather; rank 0 samples
+        if not self.samples:  # every rank takes part in the logits' gather; rank 0 samples
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
-        token_ids, logprobs = sample(logits, self._sampling_input(batch.sample_seq_ids))
+        if all(self.seqs[seq_id].plain for seq_id in batch.sample_seq_ids):
+            token_ids, logprobs = logits.argmax(dim=-1), None  # what sample() gives such rows
+        else:
+            inputs = self._sampling_input(batch.sample_seq_ids, logits.shape[-1])
+            token_ids, logprobs = sample(logits, inputs)
         return StepResult(
             step_id=plan.step_id,
             seq_ids=batch.sample_seq_ids,

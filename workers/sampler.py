@@ -9,6 +9,10 @@ The draw is an exponential race, `argmax(probs / q)` with `q ~ Exp(1)` per token
 token i with probability probs[i]. Each sampled row fills its own `q` from a generator seeded by
 `draw_seed(seed, count)`, so a seeded request gets the same tokens whatever else is in the batch,
 in whatever order, and after it is recomputed following preemption.
+
+The workers keep what the penalties read (each penalised sequence's token counts) on the device
+and update it from the new tokens only (PenaltyCounts), and send a batch whose rows are all
+plain greedy straight to the argmax (`is_plain_greedy`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,60 @@ def draw_seed(seed: int, count: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ count)
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """True when a row's token is the raw logits' argmax whatever it has generated: greedy,
+    no bias, penalty, min_tokens, logprobs or logits processor."""
+    return (
+        params.temperature < GREEDY_TEMPERATURE
+        and not params.logit_bias
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and params.min_tokens == 0
+        and params.logprobs is None
+        and not params.bad_words_token_ids
+        and params.grammar is None
+    )
+
+
+def has_penalties(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+class PenaltyCounts:
+    """One penalised sequence's token counts on the device, caught up from its new tokens.
+
+    `seen` marks the prompt's and the generated tokens (repetition_penalty), `output` counts
+    the generated ones (presence and frequency penalties); ids at or past `vocab` are ignored.
+    A sequence resumed after preemption gets new counts, which catch up from all its tokens.
+    """
+
+    def __init__(self, vocab: int, device: torch.device | str) -> None:
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)  # [vocab]
+        self.output = torch.zeros(vocab, dtype=torch.float32, device=device)  # [vocab]
+        self.num_counted = 0  # tokens of the sequence counted so far
+
+    def update(self, token_ids: list[int], prompt_len: int) -> None:
+        """Count the tokens of `token_ids` (the sequence's prompt, then its output) not yet
+        counted: O(new tokens), one small copy to the device."""
+        counted, vocab = self.num_counted, self.seen.shape[0]
+        if counted == len(token_ids):
+            return
+        new = [t for t in token_ids[counted:] if t < vocab]
+        outputs = [t for t in token_ids[max(counted, prompt_len) :] if t < vocab]
+        self.num_counted = len(token_ids)
+        if new:
+            ids = torch.tensor(new + outputs, dtype=torch.long).to(self.seen.device)
+            self.seen[ids[: len(new)]] = True
+            if outputs:
+                out = ids[len(new) :]
+                self.output.index_put_((out,), torch.ones_like(out, dtype=torch.float32), True)
+
+
 @dataclass(frozen=True)
 class SamplingInput:
     """Everything `sample` needs about one step's batch, built once on the CPU side of the step.
@@ -59,9 +117,12 @@ class SamplingInput:
     min_p: torch.Tensor | None  # [num_sampled, 1] float32, 0 = off
     # Sparse (row, token id, value) entries; see SamplingInput.build for each one's meaning.
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    seen: tuple[torch.Tensor, torch.Tensor] | None  # prompt + output tokens of penalised rows
+    # Prompt + output tokens of penalised rows: sparse (rows, ids), or [num_seqs, vocab] bool
+    # from PenaltyCounts.
+    seen: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
     repetition_penalty: torch.Tensor | None  # [num_seqs, 1], 1 = off
-    output: tuple[torch.Tensor, torch.Tensor] | None  # output tokens of penalised rows
+    # Output tokens of penalised rows: sparse (rows, ids), or [num_seqs, vocab] float counts.
+    output: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
     presence_penalty: torch.Tensor | None  # [num_seqs, 1]
     frequency_penalty: torch.Tensor | None  # [num_seqs, 1]
     banned: tuple[torch.Tensor, torch.Tensor] | None  # eos/stop ids under min_tokens
@@ -82,6 +143,7 @@ class SamplingInput:
         eos_token_ids: list[int],
         device: torch.device | str = "cpu",
         processors: Sequence[ProcessorRow] = (),
+        penalty_counts: Sequence[PenaltyCounts | None] | None = None,
     ) -> SamplingInput:
         """Gather the batch's sampling settings into device tensors.
 
@@ -89,10 +151,13 @@ class SamplingInput:
         is how many tokens row i has generated (the draw's position, and what min_tokens
         compares with). `prompt_ids` feed only repetition_penalty; `output_ids` feed all three
         penalties. While a row is under min_tokens, `eos_token_ids` (even with ignore_eos) and
-        its stop_token_ids cannot be sampled. `processors` name their rows.
+        its stop_token_ids cannot be sampled. `processors` name their rows. With
+        `penalty_counts` (per row: the counts of a penalised row, else None), the penalties
+        read those and `prompt_ids` and `output_ids` are not read.
         """
         n = len(params)
-        assert n == len(seeds) == len(output_counts) == len(prompt_ids) == len(output_ids)
+        assert n == len(seeds) == len(output_counts)
+        assert penalty_counts is not None or n == len(prompt_ids) == len(output_ids)
 
         def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(data, dtype=dtype, device=device)
@@ -117,24 +182,14 @@ class SamplingInput:
                 bias_ids.append(tok)
                 bias_vals.append(b)
 
-        seen_rows: list[int] = []
-        seen_ids: list[int] = []
         rep = [p.repetition_penalty for p in params]
-        for i, p in enumerate(params):
-            if p.repetition_penalty != 1.0:
-                ids = prompt_ids[i] + output_ids[i]
-                seen_rows += [i] * len(ids)
-                seen_ids += ids
-
-        out_rows: list[int] = []
-        out_ids: list[int] = []
         presence = [p.presence_penalty for p in params]
         frequency = [p.frequency_penalty for p in params]
-        for i, p in enumerate(params):
-            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-                out_rows += [i] * len(output_ids[i])
-                out_ids += output_ids[i]
         any_occurrence = any(presence) or any(frequency)
+        if penalty_counts is not None:
+            seen, output = _dense_counts(params, penalty_counts, device)
+        else:
+            seen, output = _sparse_counts(params, prompt_ids, output_ids, device)
 
         ban_rows: list[int] = []
         ban_ids: list[int] = []
@@ -156,16 +211,70 @@ class SamplingInput:
             bias=(*sparse(bias_rows, bias_ids), tensor(bias_vals, torch.float32))
             if bias_rows
             else None,
-            seen=sparse(seen_rows, seen_ids) if seen_ids else None,
-            repetition_penalty=column(rep) if seen_ids else None,
-            output=sparse(out_rows, out_ids) if out_ids and any_occurrence else None,
-            presence_penalty=column(presence) if out_ids and any_occurrence else None,
-            frequency_penalty=column(frequency) if out_ids and any_occurrence else None,
+            seen=seen,
+            repetition_penalty=column(rep) if seen is not None else None,
+            output=output if any_occurrence else None,
+            presence_penalty=column(presence) if output is not None and any_occurrence else None,
+            frequency_penalty=column(frequency) if output is not None and any_occurrence else None,
             banned=sparse(ban_rows, ban_ids) if ban_ids else None,
             logprob_rows=logprob_rows,
             num_top_logprobs=[params[i].logprobs for i in logprob_rows],
             processors=tuple(processors),
         )
+
+
+Counts = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None
+
+
+def _sparse_counts(
+    params: list[SamplingParams],
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    device: torch.device | str,
+) -> tuple[Counts, Counts]:
+    """(rows, ids) of the tokens each penalty reads, or None where no row has any."""
+    seen_rows: list[int] = []
+    seen_ids: list[int] = []
+    out_rows: list[int] = []
+    out_ids: list[int] = []
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0:
+            ids = prompt_ids[i] + output_ids[i]
+            seen_rows += [i] * len(ids)
+            seen_ids += ids
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            out_rows += [i] * len(output_ids[i])
+            out_ids += output_ids[i]
+
+    def sparse(rows: list[int], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not ids:
+            return None
+        return (
+            torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(ids, dtype=torch.long, device=device),
+        )
+
+    return sparse(seen_rows, seen_ids), sparse(out_rows, out_ids)
+
+
+def _dense_counts(
+    params: list[SamplingParams],
+    counts: Sequence[PenaltyCounts | None],
+    device: torch.device | str,
+) -> tuple[Counts, Counts]:
+    """[num_seqs, vocab] stacks of the rows' PenaltyCounts (zeros for rows without that
+    penalty), or None where no row has it."""
+    reps = [c if c is not None and p.repetition_penalty != 1.0 else None
+            for p, c in zip(params, counts, strict=True)]  # fmt: skip
+    occ = [c if c is not None and (p.presence_penalty or p.frequency_penalty) else None
+           for p, c in zip(params, counts, strict=True)]  # fmt: skip
+    some = next((c for c in counts if c is not None), None)
+    if some is None:
+        return None, None
+    no_seen, no_output = torch.zeros_like(some.seen), torch.zeros_like(some.output)
+    seen = torch.stack([c.seen if c else no_seen for c in reps]) if any(reps) else None
+    output = torch.stack([c.output if c else no_output for c in occ]) if any(occ) else None
+    return seen, output
 
 
 def _dense(
@@ -189,13 +298,17 @@ def process_logits(logits: torch.Tensor, inp: SamplingInput) -> torch.Tensor:
     if inp.bias is not None:
         logits = logits + _dense(*inp.bias, shape)
     if inp.seen is not None:
-        seen = _dense(*inp.seen, logits.new_ones((), dtype=torch.bool), shape)
+        seen = inp.seen
+        if isinstance(seen, tuple):
+            seen = _dense(*seen, logits.new_ones((), dtype=torch.bool), shape)
         p = inp.repetition_penalty
         # HF semantics: shrink positive logits, grow negative ones, both toward "less likely".
         penalised = torch.where(logits > 0, logits / p, logits * p)
         logits = torch.where(seen, penalised, logits)
     if inp.output is not None:
-        counts = _dense(*inp.output, logits.new_ones(()), shape)  # [num_seqs, vocab]
+        counts = inp.output  # [num_seqs, vocab]
+        if isinstance(counts, tuple):
+            counts = _dense(*counts, logits.new_ones(()), shape)
         logits = (
             logits - inp.presence_penalty * (counts > 0).float() - inp.frequency_penalty * counts
         )
