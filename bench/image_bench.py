@@ -1,6 +1,14 @@
-"""Image serving benchmark: streamed chat requests with 1-3 images each, encoder cache on/off.
+"""Image serving benchmark: streamed chat requests with 1-3 images each, encoder cache on/off;
+and vlmserve against vLLM's CPU build on one image per chat.
 
     .venv/bin/python bench/image_bench.py [--num-requests 48] [--distinct-images 12]
+    .venv/bin/python bench/image_bench.py --peers vllm [--rounds 2]
+
+With --peers (issue 10's image workload, also run by bench/serve_bench.py): a tiny LLaVA-1.5
+with head_dim 32 (vLLM's CPU attention refuses the demo's 16), one fresh 640x480 random PNG per
+chat (no cache hits across requests or rounds), 64 output tokens, EOS ignored, 2c requests at
+concurrency c=16, alternating rounds against each peer started here. vLLM is sent
+"add_special_tokens": true, without which its LLaVA chat prompts lose their BOS.
 
 On the Qwen2-VL-shaped demo checkpoint (`vlmserve demo-checkpoint --arch qwen2_vl`), each
 request carries 1-3 seeded random images (sizes from --image-sizes) as base64 PNG data URLs,
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import random
@@ -24,16 +33,19 @@ import time
 
 import msgspec
 import numpy as np
+from peers import aggregate, alternate, print_table, start_servers, warm_up
 from PIL import Image
 from report import free_port, write_json
+from safetensors.torch import load_file, save_file
 from serve_client import Prompt, run_load, summarize
+from vllm_peer import DEFAULT_VENV
 
 from vlmserve.deploy.launcher import server
 from vlmserve.frontend.media_fetch import decode_image
 from vlmserve.frontend.prompts import Prompter
 from vlmserve.frontend.schemas import ChatMessage
 from vlmserve.shared.config import Config, new_run_id
-from vlmserve.workers.demo_vlm import build_vision_checkpoint
+from vlmserve.workers.demo_vlm import build_llava, build_vision_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,6 +134,92 @@ def run_server(model_dir: str, cache_mb: int, bodies: list[dict], prompts: list[
     return summarize(outcomes, wall, prompts)
 
 
+def llava_checkpoint() -> str:
+    """The demo LLaVA-1.5 with 2 heads of 32 (1 KV head) in its 64-wide language model, its
+    weights under the published llava-hf names (vision_tower.vision_model.*): vLLM 0.32 refuses
+    the names transformers 5 saves (vision_tower.embeddings.*); both load the published ones."""
+    path = os.path.join(HERE, ".cache", "llava-hd32-v2")
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        print(f"building the LLaVA checkpoint in {path} ...", flush=True)
+        build_llava(path, text=dict(num_attention_heads=2, num_key_value_heads=1))
+        tensors = load_file(weights)
+        prefix = "vision_tower."
+        renamed = {
+            ("vision_tower.vision_model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+            for k, v in tensors.items()
+        }
+        save_file(renamed, weights, metadata={"format": "pt"})
+    return path
+
+
+def one_image_chats(n: int, size: tuple[int, int], output_len: int, seed: int) -> list[dict]:
+    urls = [
+        "data:image/png;base64," + base64.b64encode(png).decode()
+        for png in image_pool(n, [size], seed)
+    ]
+    return [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "Describe the picture."},
+                    ],
+                }
+            ],
+            "max_tokens": output_len,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        for url in urls
+    ]
+
+
+def peer_comparison(
+    peers: list[str], rounds: int = 2, concurrency: int = 16, output_len: int = 64,
+    size: tuple[int, int] = (640, 480), venv: str = DEFAULT_VENV, threads: str | None = None,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """vlmserve and each peer on the LLaVA checkpoint, alternating rounds of 2c chats."""
+    model_dir = llava_checkpoint()
+    n = 2 * concurrency
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        names = ["vlmserve", *peers]
+        urls, failures = start_servers(stack, names, model_dir, tmp, 64, venv, threads)
+        warm = one_image_chats(2, size, 8, seed + 999_999)
+        warm_up(urls, warm, [Prompt("", [], 8)] * 2)
+
+        def workload(r: int) -> tuple[list[dict], list[Prompt]]:
+            bodies = one_image_chats(n, size, output_len, seed + 1000 * concurrency + r)
+            return bodies, [Prompt("", [], output_len) for _ in bodies]
+
+        extra = {"vllm": {"add_special_tokens": True}}
+        per_round = alternate(urls, rounds, concurrency, workload, extra, f"images c={concurrency}")
+    return {
+        "workload": {
+            "model": model_dir, "image": f"{size[0]}x{size[1]} random PNG, one per chat, fresh",
+            "requests_per_round": n, "concurrency": concurrency, "output_len": output_len,
+            "rounds": rounds,
+        },
+        "per_round": per_round,
+        "summary": {concurrency: aggregate(per_round)},
+        "peer_failures": failures,
+    }  # fmt: skip
+
+
+def print_peer_report(report: dict) -> None:
+    w = report["workload"]
+    print_table(
+        f"images: tiny LLaVA (head_dim 32), {w['image']}, {w['output_len']} output tokens",
+        report["summary"],
+    )
+    for name, why in report["peer_failures"].items():
+        print(f"{name}: no figures, it failed to start: {why}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-requests", type=int, default=48)
@@ -129,8 +227,17 @@ def main() -> None:
     parser.add_argument("--image-sizes", default="640x480,320x320,1024x768")
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "images.json"))
+    parser.add_argument("--peers", default="", help="vllm[,transformers]: the LLaVA comparison")
+    parser.add_argument("--rounds", type=int, default=2, help="with --peers")
+    parser.add_argument("--vllm-venv", default=DEFAULT_VENV)
+    parser.add_argument("--out", default=None, help="default results/images[_peers].json")
     args = parser.parse_args()
+    if args.peers:
+        peers = [p for p in args.peers.split(",") if p]
+        report = peer_comparison(peers, args.rounds, venv=args.vllm_venv, seed=args.seed)
+        print_peer_report(report)
+        write_json(report, args.out or os.path.join(HERE, "results", "images_peers.json"))
+        return
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
     model_dir = bench_checkpoint()
     pool = image_pool(args.distinct_images, sizes, args.seed)
@@ -166,7 +273,7 @@ def main() -> None:
     failed = report["cache_on"]["failed"] + report["cache_off"]["failed"]
     if failed:
         print(f"WARNING: {failed} requests failed: {report['cache_on']['errors']}")
-    write_json(report, args.out)
+    write_json(report, args.out or os.path.join(HERE, "results", "images.json"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What every benchmark shares: a free loopback port, and writing its JSON report."""
+"""What every benchmark shares: a free loopback port, a log's last lines, its JSON report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def write_json(report: dict, path: str) -> None:

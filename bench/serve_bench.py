@@ -1,26 +1,27 @@
-"""Serving benchmark: vlmserve's HTTP server against `transformers serve`, one after another on
-the same checkpoint and the same workload, in the manner of `vllm bench serve`.
+"""Serving benchmark: vlmserve against vLLM's CPU build (and optionally `transformers serve`),
+each started by the benchmark on the same checkpoint, measured on the same workload in one run,
+in alternating rounds, with the machine's same-day ceilings printed beside them.
 
-    .venv/bin/python bench/serve_bench.py [--num-prompts 64] [--input-len 220]
-        [--output-len 128] [--max-concurrency 32] [--request-rate inf] [--out FILE]
+    .venv/bin/python bench/serve_bench.py [--concurrency 1,8,32] [--rounds 2]
+        [--peers vllm[,transformers]] [--input-len 360] [--output-len 128]
+        [--skip-images] [--skip-ceiling] [--skip-offline] [--out FILE]
 
-Workload (seeded): one-turn chats of random vocabulary whose chat-templated prompt has
-`--input-len` tokens under the checkpoint's tokenizer, each asking for `--output-len` tokens,
-greedy, with EOS ignored so every output has that length; streamed from /v1/chat/completions
-with Poisson arrivals at `--request-rate` (inf: all at once), at most `--max-concurrency` in
-flight. Default checkpoint: the engine benchmark's ~30 M-parameter Qwen2, float32 on CPU.
+Text workload (issue 10), in the manner of `vllm bench serve`: at each concurrency c, 2c
+(at least 16) one-turn chats of random vocabulary whose chat-templated prompt has `--input-len`
+tokens, each asking for `--output-len` tokens, greedy, EOS ignored; streamed from
+/v1/chat/completions, all sent at once with at most c in flight. Every round uses fresh prompts
+(no prefix-cache hits), sent to every server, the order flipped each round. Default checkpoint:
+q30m, the engine benchmark's ~30 M-parameter Qwen2 (hidden 512, 12 layers, 8 heads, 2 KV heads,
+vocab 4096), float32 on CPU. vLLM runs with its defaults except float32, --enforce-eager and its
+OpenMP threads bound to every core (`--vllm-threads`).
 
-`transformers serve` rejects `ignore_eos` and `min_tokens` (HTTP 422, unexpected fields), so
-its requests disable EOS through its own `generation_config` request field (eos_token_id -1)
-instead; the output tokens of both servers are taken from their usage chunk and checked
-against `--output-len`. It needs `pip install fastapi uvicorn accelerate`; when it cannot
-start, the report says so and why, and has no numbers for it.
-
-Afterwards the engine alone (no HTTP, as bench/engine_bench.py drives it) runs the same prompt
-token ids and output lengths, all submitted at once with its batch capped at the same
-concurrency, to give the share of the engine's throughput that survives the HTTP path.
+Then the image workload (bench/image_bench.py's `peer_comparison`: a tiny LLaVA, one
+640x480 image per chat, 64 output tokens, c=16) against the same peers, and the ceilings
+(bench/ceiling.py: lean decode step, GEMMs alone, lean prefill, 2048^3 GEMM, and the workload
+limit they imply). Last, unless skipped, the engine alone (no HTTP) on the largest
+concurrency's last-round prompts, for the share of its throughput the HTTP path keeps.
 Servers bind 127.0.0.1 and are stopped at the end, on errors and on Ctrl-C or SIGTERM.
-Prints a table and writes JSON.
+Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -28,135 +29,64 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
-import importlib.util
-import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import urllib.request
-from collections.abc import Iterator
 
+import ceiling
+import image_bench
 from engine_bench import bench_checkpoint
-from report import free_port, write_json
-from serve_client import Prompt, random_prompts, run_load, summarize
+from peers import aggregate, alternate, print_table, start_servers, warm_up
+from report import write_json
+from serve_client import Prompt, random_prompts
+from vllm_peer import DEFAULT_VENV
 
-from vlmserve.deploy.launcher import scheduler_and_workers, server, stop, wait_healthy
+from vlmserve.deploy.launcher import scheduler_and_workers
 from vlmserve.frontend.offline import run_async
-from vlmserve.shared.config import Config, new_run_id
 from vlmserve.shared.messages import SamplingParams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# CPU paged-attention cache of `transformers serve --continuous-batching`: 512 x 32 tokens.
-TRANSFORMERS_CB = ["--continuous-batching", "--cb-num-blocks", "512", "--cb-block-size", "32"]
 
 
-def log_tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def vlmserve_server(model_dir: str, workdir: str, max_batch_size: int) -> Iterator[str]:
-    config = Config(
-        model=model_dir, run_id=new_run_id(), ipc_dir=workdir, server_name="127.0.0.1",
-        server_port=free_port(), max_batch_size=max_batch_size, device="cpu", dtype="float32",
-        log_level="WARNING",
-    )  # fmt: skip
-    log = os.path.join(workdir, "vlmserve.log")
-    try:
-        with server(config, log) as srv:
-            yield srv["url"]
-    except Exception:
-        print(f"vlmserve log, last lines:\n{log_tail(log)}", flush=True)
-        raise
-
-
-@contextlib.contextmanager
-def transformers_server(model_dir: str, workdir: str) -> Iterator[str]:
-    # What `transformers serve` imports beyond this project's own dependencies.
-    missing = [m for m in ("fastapi", "uvicorn", "accelerate") if not importlib.util.find_spec(m)]
-    if missing:
-        raise RuntimeError(f"transformers serve needs `pip install {' '.join(missing)}`")
-    port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "transformers")
-    cmd = [
-        exe, "serve", model_dir, *TRANSFORMERS_CB, "--device", "cpu", "--dtype", "float32",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    # Offline: a local directory must be all it reads.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log = os.path.join(workdir, "transformers.log")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_healthy(url, {"transformers serve": proc}, timeout=300)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}; its log ends:\n{log_tail(log)}") from exc
-        yield url
-    finally:
-        stop(proc)
-
-
-def served_model(url: str) -> str:
-    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
-        return json.load(resp)["data"][0]["id"]
-
-
-def payloads(model: str, prompts: list[Prompt], no_eos: dict) -> list[dict]:
+def chat_bodies(prompts: list[Prompt]) -> list[dict]:
     return [
         {
-            "model": model,
             "messages": [{"role": "user", "content": p.text}],
             "stream": True,
             "max_tokens": p.output_len,
             "temperature": 0.0,
             "stream_options": {"include_usage": True},
-            **no_eos,
         }
         for p in prompts
     ]
 
 
-# How each server is told to ignore EOS (see the module docstring).
-NO_EOS = {
-    "vlmserve": {"ignore_eos": True},
-    "transformers": {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})},
-}
-
-
-def measure(name: str, url: str, prompts: list[Prompt], args: argparse.Namespace) -> dict:
-    model = served_model(url)
-    print(f"{name}: warming up ...", flush=True)
-    warm = [dataclasses.replace(p, output_len=16) for p in prompts[:2]]
-    outcomes, _ = asyncio.run(
-        run_load(url, payloads(model, warm, NO_EOS[name]), float("inf"), None, 0, lambda _: None)
-    )
-    if not all(o.ok for o in outcomes):
-        raise RuntimeError(f"warm-up failed: {[o.error for o in outcomes if not o.ok]}")
-    n = len(prompts)
-    step = max(1, n // 8)
-
-    def progress(done: int) -> None:
-        if done % step == 0 or done == n:
-            print(f"{name}: {done}/{n} requests done", flush=True)
-
-    print(f"{name}: {n} requests ...", flush=True)
-    outcomes, wall = asyncio.run(
-        run_load(
-            url, payloads(model, prompts, NO_EOS[name]), args.request_rate,
-            args.max_concurrency, args.seed, progress,
+def text_comparison(model_dir: str, args: argparse.Namespace) -> dict:
+    """Every concurrency, `args.rounds` alternating rounds each, on servers started here."""
+    result: dict = {"per_round": {}, "summary": {}, "peer_failures": {}, "last_prompts": []}
+    names = ["vlmserve", *args.peers]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        urls, result["peer_failures"] = start_servers(
+            stack, names, model_dir, tmp, args.max_batch_size, args.vllm_venv, args.vllm_threads
         )
-    )  # fmt: skip
-    # The 1-minute load average after the run: on a shared machine, what else was running.
-    return {**summarize(outcomes, wall, prompts), "load_avg_1m": os.getloadavg()[0]}
+        warm = random_prompts(model_dir, 2, args.input_len, 16, seed=args.seed + 999_999)
+        warm_up(urls, chat_bodies(warm), warm)
+        for c in args.concurrency:
+            n = max(args.min_prompts, 2 * c)
+
+            def workload(r: int, c: int = c, n: int = n) -> tuple[list[dict], list[Prompt]]:
+                # Fresh prompts for every concurrency and round, the same for every server.
+                seed = args.seed + 1000 * c + r
+                prompts = random_prompts(model_dir, n, args.input_len, args.output_len, seed)
+                result["last_prompts"] = prompts
+                return chat_bodies(prompts), prompts
+
+            per_round = alternate(urls, args.rounds, c, workload, label=f"text c={c}")
+            result["per_round"][c] = per_round
+            result["summary"][c] = aggregate(per_round)
+            print_table(f"text, c={c} (so far)", {c: result["summary"][c]})
+    return result
 
 
 def offline_engine(model_dir: str, prompts: list[Prompt], batch: int) -> dict:
@@ -188,101 +118,79 @@ def offline_engine(model_dir: str, prompts: list[Prompt], batch: int) -> dict:
     }  # fmt: skip
 
 
-ROWS = [
-    ("successful requests", "completed", "{:.0f}"),
-    ("duration (s)", "duration_s", "{:.1f}"),
-    ("request throughput (req/s)", "request_throughput", "{:.2f}"),
-    ("output throughput (tok/s)", "output_throughput", "{:.1f}"),
-    ("total throughput (tok/s)", "total_token_throughput", "{:.1f}"),
-    ("output tokens", "output_tokens", "{:.0f}"),
-] + [
-    (f"{stat} {metric.upper()} (ms)", f"{stat}_{metric}_ms", "{:.1f}")
-    for metric in ("ttft", "tpot", "itl", "e2el")
-    for stat in ("mean", "median", "p99")
-]
-
-
-def print_table(ours: dict, theirs: dict | None) -> None:
-    t = theirs or {}
-    print(f"| {'':26} | {'vlmserve':>10} | {'transformers':>12} | {'ratio':>6} |")
-    print(f"|{'-' * 28}|{'-' * 12}|{'-' * 14}|{'-' * 8}|")
-    for label, key, fmt in ROWS:
-        a, b = ours[key], t.get(key)
-        theirs_cell = fmt.format(b) if b is not None else ""
-        ratio = f"{a / b:.2f}" if b else ""
-        print(f"| {label:26} | {fmt.format(a):>10} | {theirs_cell:>12} | {ratio:>6} |")
-    print("ratio = vlmserve / transformers (above 1 is better for throughputs, worse for times)")
-
-
 def run(args: argparse.Namespace) -> dict:
     model_dir = os.path.abspath(args.model) if args.model else bench_checkpoint()
-    prompts = random_prompts(
-        model_dir, args.num_prompts, args.input_len, args.output_len, args.seed
-    )
-    lengths = [len(p.token_ids) for p in prompts]
-    print(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens", flush=True)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        print("vlmserve: starting ...", flush=True)
-        with vlmserve_server(model_dir, tmp, args.max_batch_size) as url:
-            ours = measure("vlmserve", url, prompts, args)
-        theirs, failure = None, None
-        if not args.skip_transformers:
-            print("transformers serve: starting ...", flush=True)
-            try:
-                with transformers_server(model_dir, tmp) as url:
-                    theirs = measure("transformers", url, prompts, args)
-            except Exception as exc:  # reported, not faked: the table shows no numbers
-                failure = f"{type(exc).__name__}: {exc}"
-                print(f"transformers serve failed: {failure}", flush=True)
-
-    offline = None
-    if not args.skip_offline:
-        batch = min(args.max_concurrency or args.max_batch_size, args.max_batch_size)
-        offline = offline_engine(model_dir, prompts, batch)
-
-    return {
+    report: dict = {
         "workload": {
-            "model": model_dir, "num_prompts": args.num_prompts, "input_len": args.input_len,
-            "prompt_tokens": [min(lengths), max(lengths)], "output_len": args.output_len,
-            "max_concurrency": args.max_concurrency, "request_rate": str(args.request_rate),
-            "seed": args.seed, "dtype": "float32", "device": "cpu",
+            "model": model_dir, "concurrency": args.concurrency, "rounds": args.rounds,
+            "requests_per_round": {c: max(args.min_prompts, 2 * c) for c in args.concurrency},
+            "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
+            "dtype": "float32", "device": "cpu", "peers": args.peers,
             "vlmserve_max_batch_size": args.max_batch_size,
-            "transformers_flags": TRANSFORMERS_CB, "no_eos": NO_EOS,
+            "vllm_threads_bind": args.vllm_threads or f"0-{(os.cpu_count() or 1) - 1}",
+            "cpus": os.cpu_count(),
         },
-        "vlmserve": ours,
-        "transformers": theirs,
-        "transformers_failure": failure,
-        "offline_engine": offline,
-        "output_throughput_ratio": (
-            ours["output_throughput"] / theirs["output_throughput"] if theirs else None
-        ),
-        "http_over_offline": (
-            ours["output_throughput"] / offline["output_tok_s"] if offline else None
-        ),
+        "load_avg_start": os.getloadavg(),
     }  # fmt: skip
+    if not args.skip_ceiling:
+        shape = ceiling.Shape.from_config(model_dir)
+        context = args.input_len + args.output_len // 2
+        report["ceiling"] = ceiling.measure(
+            shape, args.concurrency, context, args.input_len, args.output_len
+        )
+        ceiling.print_report(report["ceiling"])
+    text = text_comparison(model_dir, args)
+    last_prompts = text.pop("last_prompts")
+    report["text"] = text
+    if not args.skip_images:
+        report["images"] = image_bench.peer_comparison(
+            args.peers, rounds=args.rounds, venv=args.vllm_venv, threads=args.vllm_threads
+        )
+    if not args.skip_offline and last_prompts:
+        batch = min(max(args.concurrency), args.max_batch_size)
+        report["offline_engine"] = offline_engine(model_dir, last_prompts, batch)
+    report["load_avg_end"] = os.getloadavg()
+    return report
 
 
 def print_report(report: dict) -> None:
-    ours, theirs, offline = report["vlmserve"], report["transformers"], report["offline_engine"]
-    print()
-    print_table(ours, theirs)
-    for name, result in (("vlmserve", ours), ("transformers", theirs)):
-        if result:
-            print(
-                f"{name}: output tokens from {result['output_tokens_counted_by']}; "
-                f"{result['short_outputs']} short of and {result['long_outputs']} longer than "
-                f"{report['workload']['output_len']}; {result['failed']} failed "
-                f"{result['errors'] or ''}"
-            )
-    if report["transformers_failure"]:
-        print(f"transformers serve: no numbers, it failed: {report['transformers_failure']}")
+    ceil = report.get("ceiling")
+    if ceil:
+        ceiling.print_report(ceil)
+    text = report["text"]
+    print_table(
+        f"text: q30m float32, {report['workload']['input_len']} prompt / "
+        f"{report['workload']['output_len']} output tokens, ignore_eos, unique prompts",
+        text["summary"],
+    )
+    if ceil:
+        for c, servers in text["summary"].items():
+            limit = ceil["workload_limit_tok_s"].get(c)
+            if limit:
+                shares = ", ".join(
+                    f"{name} {row['output_tok_s'] / limit:.2f}" for name, row in servers.items()
+                )
+                print(f"c={c}: share of the workload limit ({limit:.0f} tok/s): {shares}")
+    for name, why in text["peer_failures"].items():
+        print(f"{name}: no figures, it failed to start: {why}")
+    images = report.get("images")
+    if images:
+        image_bench.print_peer_report(images)
+    offline = report.get("offline_engine")
     if offline:
-        print(
-            f"vlmserve HTTP / offline engine output throughput: {report['http_over_offline']:.2f}"
-            f" ({ours['output_throughput']:.1f} / {offline['output_tok_s']:.1f} tok/s,"
-            f" offline batch {offline['batch']})"
-        )
+        c = offline["batch"]
+        ours = text["summary"].get(c, {}).get("vlmserve")
+        if ours:
+            print(
+                f"vlmserve HTTP / offline engine at c={c}: "
+                f"{ours['output_tok_s'] / offline['output_tok_s']:.2f} "
+                f"({ours['output_tok_s']:.1f} / {offline['output_tok_s']:.1f} tok/s)"
+            )
+    start, end = report["load_avg_start"], report["load_avg_end"]
+    print(
+        f"load average (1/5/15 min) at start {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f}, "
+        f"at end {end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f} on {report['workload']['cpus']} cores"
+    )
 
 
 def raise_interrupt(*_: object) -> None:
@@ -291,18 +199,24 @@ def raise_interrupt(*_: object) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: the bench one)")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=220)
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: q30m)")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--min-prompts", type=int, default=16, help="requests per round, at least")
+    parser.add_argument("--input-len", type=int, default=360)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-concurrency", type=int, default=32, help="0: no cap")
-    parser.add_argument("--request-rate", type=float, default=float("inf"))
+    parser.add_argument("--peers", default="vllm", help="comma list of vllm, transformers")
     parser.add_argument("--max-batch-size", type=int, default=64, help="vlmserve's")
+    parser.add_argument("--vllm-venv", default=DEFAULT_VENV)
+    parser.add_argument("--vllm-threads", default=None, help="cores for vLLM (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-images", action="store_true")
+    parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "serve.json"))
     args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.peers = [p for p in args.peers.split(",") if p]
     # SIGTERM unwinds like Ctrl-C, so every server's context stops its processes.
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:

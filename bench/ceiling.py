@@ -1,0 +1,237 @@
+"""Same-day ceilings of this machine for the serving workload: how fast a lean float32 forward
+of the benchmark model runs when it does nothing a serving engine could avoid.
+
+    .venv/bin/python bench/ceiling.py [--batches 1,8,32] [--context 424] [--prompt-len 360]
+
+- lean decode step: one token per sequence through every layer — RMSNorm, the QKV, output,
+  gate-up and down GEMMs, SiLU-and-multiply, SDPA (fused, 4-D, GQA) over a preallocated
+  [batch, kv_heads, max_len, head_dim] cache filled to `--context` — then the final norm and
+  the LM head. No rotary, sampling or bookkeeping: a bound, not an engine;
+- the same step's GEMMs alone (a decode's floor once attention costs nothing);
+- a lean prefill of one `--prompt-len`-token prompt (causal SDPA, LM head on its last row);
+- a 2048^3 float32 GEMM's GFLOP/s (the machine's dense rate today).
+
+Each figure is the fastest of `--repeats` calls after a warm-up.
+
+From those, the workload limit at concurrency c (2c requests of `--prompt-len` prompt and
+`--output-len` output tokens, as bench/serve_bench.py sends them): every prompt prefilled
+once, then output_len - 1 decode steps per wave of c: output tokens / (prefills + decodes).
+Shapes come from the checkpoint's config.json (default: the benchmark's q30m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float = 1e-6
+
+    @classmethod
+    def from_config(cls, path: str) -> Shape:
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        c = c.get("text_config", c)
+        heads = c["num_attention_heads"]
+        return cls(
+            hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+            kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            intermediate=c["intermediate_size"], vocab=c["vocab_size"],
+            eps=c.get("rms_norm_eps", 1e-6),
+        )  # fmt: skip
+
+
+# The benchmark's q30m (vlmserve demo-checkpoint --size bench).
+Q30M = Shape(hidden=512, layers=12, heads=8, kv_heads=2, head_dim=64, intermediate=1024, vocab=4096)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Seconds of the fastest call: a ceiling is what the machine does when nothing else
+    interrupts it (on a shared machine the median measures the neighbours)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+class LeanModel:
+    """Random float32 weights of `shape` and a KV cache preallocated for `batch` x `max_len`."""
+
+    def __init__(self, shape: Shape, batch: int, max_len: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        s = shape
+        self.s = s
+
+        def w(*size: int) -> torch.Tensor:
+            return torch.randn(*size, generator=g) * 0.02
+
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        self.layers = [
+            {
+                "in_norm": torch.ones(s.hidden),
+                "post_norm": torch.ones(s.hidden),
+                "qkv": w(q + 2 * kv, s.hidden),
+                "qkv_bias": w(q + 2 * kv),
+                "o": w(s.hidden, q),
+                "gate_up": w(2 * s.intermediate, s.hidden),
+                "down": w(s.hidden, s.intermediate),
+            }  # fmt: skip
+            for _ in range(s.layers)
+        ]
+        self.norm = torch.ones(s.hidden)
+        self.lm_head = w(s.vocab, s.hidden)
+        # [layers, batch, kv_heads, max_len, head_dim], random so no kernel skips zeros.
+        cache = (s.layers, batch, s.kv_heads, max_len, s.head_dim)
+        self.k = torch.randn(cache, generator=g)
+        self.v = torch.randn(cache, generator=g)
+
+    def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.s.eps)
+
+    def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
+        gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer["down"])
+
+    @torch.inference_mode()
+    def decode(self, x: torch.Tensor, pos: int, attention: bool = True) -> torch.Tensor:
+        """One token per sequence: x [batch, hidden] at position `pos` of every sequence."""
+        s = self.s
+        b = x.shape[0]
+        q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            h = self.rms(x, layer["in_norm"])
+            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])  # [batch, q + 2 kv]
+            if attention:
+                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+                self.k[i, :b, :, pos] = k.view(b, s.kv_heads, s.head_dim)
+                self.v[i, :b, :, pos] = v.view(b, s.kv_heads, s.head_dim)
+                out = F.scaled_dot_product_attention(
+                    q.view(b, s.heads, 1, s.head_dim),
+                    self.k[i, :b, :, : pos + 1], self.v[i, :b, :, : pos + 1], enable_gqa=True,
+                )  # [batch, heads, 1, head_dim]  # fmt: skip
+                attn = out.reshape(b, q_size)
+            else:
+                attn = qkv[:, :q_size]
+            x = x + F.linear(attn, layer["o"])
+            x = x + self._mlp(self.rms(x, layer["post_norm"]), layer)
+        return F.linear(self.rms(x, self.norm), self.lm_head)  # [batch, vocab]
+
+    @torch.inference_mode()
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """One prompt of x [tokens, hidden], causal attention, logits of its last token."""
+        s = self.s
+        n = x.shape[0]
+        q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(self.rms(x, layer["in_norm"]), layer["qkv"], layer["qkv_bias"])
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            k = k.view(n, s.kv_heads, s.head_dim).transpose(0, 1)  # [kv_heads, tokens, dim]
+            v = v.view(n, s.kv_heads, s.head_dim).transpose(0, 1)
+            self.k[i, 0, :, :n] = k
+            self.v[i, 0, :, :n] = v
+            out = F.scaled_dot_product_attention(
+                q.view(1, n, s.heads, s.head_dim).transpose(1, 2), k[None], v[None],
+                is_causal=True, enable_gqa=True,
+            )  # [1, heads, tokens, head_dim]  # fmt: skip
+            x = x + F.linear(out[0].transpose(0, 1).reshape(n, q_size), layer["o"])
+            x = x + self._mlp(self.rms(x, layer["post_norm"]), layer)
+        return F.linear(self.rms(x[-1:], self.norm), self.lm_head)
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timed(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def measure(
+    shape: Shape, batches: list[int], context: int, prompt_len: int, output_len: int,
+    repeats: int = 20, progress: Callable[[str], None] = print,
+) -> dict:  # fmt: skip
+    """Every figure of the module docstring, as a JSON-able dict."""
+    max_len = max(context, prompt_len) + 1
+    model = LeanModel(shape, max(batches), max_len)
+    decode, gemms = {}, {}
+    for b in batches:
+        progress(f"ceiling: lean decode step at batch {b} ...")
+        x = torch.randn(b, shape.hidden)
+        decode[b] = b / timed(lambda x=x: model.decode(x, context), repeats)
+        gemms[b] = b / timed(lambda x=x: model.decode(x, context, attention=False), repeats)
+    progress(f"ceiling: lean prefill of {prompt_len} tokens ...")
+    prompt = torch.randn(prompt_len, shape.hidden)
+    prefill_s = timed(lambda: model.prefill(prompt), max(3, repeats // 4))
+    progress("ceiling: 2048^3 GEMM ...")
+    gflops = gemm_gflops()
+    limit = {}
+    for c in batches:
+        # 2c requests in two waves of c: 2c prefills, 2 x (output_len - 1) decode steps.
+        seconds = 2 * c * prefill_s + 2 * (output_len - 1) * c / decode[c]
+        limit[c] = 2 * c * output_len / seconds
+    return {
+        "shape": shape.__dict__, "context": context, "prompt_len": prompt_len,
+        "output_len": output_len, "torch_threads": torch.get_num_threads(),
+        "decode_tok_s": decode, "gemms_only_tok_s": gemms, "prefill_s": prefill_s,
+        "prefill_tok_s": prompt_len / prefill_s, "gemm_2048_gflops": gflops,
+        "workload_limit_tok_s": limit, "load_avg_1m": os.getloadavg()[0],
+    }  # fmt: skip
+
+
+def print_report(r: dict) -> None:
+    print(f"\nceilings (float32, {r['torch_threads']} torch threads, decode at context "
+          f"{r['context']}, load average {r['load_avg_1m']:.2f}):")  # fmt: skip
+    print(f"| {'batch':>5} | {'lean decode tok/s':>17} | {'GEMMs only tok/s':>16} | "
+          f"{'workload limit tok/s':>20} |")  # fmt: skip
+    print(f"|{'-' * 7}|{'-' * 19}|{'-' * 18}|{'-' * 22}|")
+    for b, tok_s in r["decode_tok_s"].items():
+        print(f"| {b:>5} | {tok_s:17.1f} | {r['gemms_only_tok_s'][b]:16.1f} | "
+              f"{r['workload_limit_tok_s'][b]:20.1f} |")  # fmt: skip
+    print(
+        f"lean prefill of {r['prompt_len']} tokens: {r['prefill_s'] * 1000:.1f} ms "
+        f"({r['prefill_tok_s']:.0f} tok/s); 2048^3 GEMM: {r['gemm_2048_gflops']:.1f} GFLOP/s"
+    )
+    print("workload limit: 2c requests, each prefilled once, then decoded at batch c")
+
+
+def main() -> None:
+    from report import write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint dir for the shape (q30m)")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--context", type=int, default=424, help="decode position (360 + 64)")
+    parser.add_argument("--prompt-len", type=int, default=360)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "ceiling.json"))
+    args = parser.parse_args()
+    shape = Shape.from_config(args.model) if args.model else Q30M
+    batches = [int(b) for b in args.batches.split(",")]
+    report = measure(shape, batches, args.context, args.prompt_len, args.output_len, args.repeats)
+    print_report(report)
+    write_json(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
