@@ -89,23 +89,30 @@ async def load_image(url: str, config: Config, client: httpx.AsyncClient) -> Ima
     load: a refused address or path, a fetch that fails or exceeds the limits, bytes that
     are not a readable image or have more than `config.image_max_pixels` pixels.
     """
-    if not url.strip():
-        raise _url_error("The image URL is empty.")
-    if url[:5].lower() == "data:":
-        data = await _off_loop(parse_data_url, url, config.image_max_bytes)
-    else:
-        match = SCHEME.match(url)
-        scheme = match.group(1).lower() if match else ""
-        if scheme in ("http", "https"):
-            data = await fetch_url(url, config, client)
-        elif scheme in ("file", ""):
-            data = await _off_loop(read_local_file, url, config)
-        else:
-            raise _url_error(
-                f"Unsupported image URL scheme `{scheme}:` in {_shown(url)}; use http(s), "
-                "a data:image/...;base64 URL, or (where the server allows) a local file."
-            )
+    data = await load_bytes(url, config, client, config.image_max_bytes, "image")
     return await _off_loop(decode_image, data, config.image_max_pixels)
+
+
+async def load_bytes(
+    url: str, config: Config, client: httpx.AsyncClient, max_bytes: int, noun: str
+) -> bytes:
+    """The bytes at `url` (data:, http(s), file:// or a local path), at most `max_bytes`,
+    under the same rules for every kind of media; `noun` ("image", "video") names it in
+    messages, its data: URLs' MIME type and its `--<noun>-max-bytes` flag."""
+    if not url.strip():
+        raise _url_error(f"The {noun} URL is empty.")
+    if url[:5].lower() == "data:":
+        return await _off_loop(parse_data_url, url, max_bytes, noun)
+    match = SCHEME.match(url)
+    scheme = match.group(1).lower() if match else ""
+    if scheme in ("http", "https"):
+        return await fetch_url(url, config, client, max_bytes, noun)
+    if scheme in ("file", ""):
+        return await _off_loop(read_local_file, url, config, max_bytes, noun)
+    raise _url_error(
+        f"Unsupported {noun} URL scheme `{scheme}:` in {_shown(url)}; use http(s), "
+        f"a data:{noun}/...;base64 URL, or (where the server allows) a local file."
+    )
 
 
 async def load_images(
@@ -147,38 +154,41 @@ def image_hash(img: Image.Image) -> str:
 # ---- data: URLs ------------------------------------------------------------------------------
 
 
-def parse_data_url(url: str, max_bytes: int) -> bytes:
-    """The bytes of a `data:image/<fmt>;base64,<data>` URL, at most `max_bytes` decoded."""
+def parse_data_url(url: str, max_bytes: int, noun: str = "image") -> bytes:
+    """The bytes of a `data:image/<fmt>;base64,<data>` URL (`noun`/ for other media), at
+    most `max_bytes` decoded."""
     header, comma, payload = url[5:].partition(",")
     params = header.lower().split(";")
-    if not comma or not params[0].startswith("image/") or "base64" not in params[1:]:
+    if not comma or not params[0].startswith(f"{noun}/") or "base64" not in params[1:]:
         raise _url_error(
-            f"Invalid image data URL {_shown(url)}: expected data:image/<format>;base64,<data>."
+            f"Invalid {noun} data URL {_shown(url)}: expected data:{noun}/<format>;base64,<data>."
         )
     payload = "".join(payload.split())  # line breaks are common in pasted base64
     # Refuse by the encoded length before decoding: 4 characters carry 3 bytes.
     if len(payload) // 4 * 3 > max_bytes + 2:
-        raise _too_large(_shown(url), max_bytes)
+        raise _too_large(_shown(url), max_bytes, noun)
     try:
         data = base64.b64decode(payload, validate=True)
     except ValueError:  # binascii.Error, or non-ASCII characters
-        raise _url_error(f"The image data URL {_shown(url)} is not valid base64.") from None
+        raise _url_error(f"The {noun} data URL {_shown(url)} is not valid base64.") from None
     if len(data) > max_bytes:
-        raise _too_large(_shown(url), max_bytes)
+        raise _too_large(_shown(url), max_bytes, noun)
     return data
 
 
-def _too_large(shown: str, max_bytes: int) -> APIError:
+def _too_large(shown: str, max_bytes: int, noun: str = "image") -> APIError:
     return _url_error(
-        f"The image {shown} is larger than this server's limit of {max_bytes:,} bytes "
-        "(--image-max-bytes)."
+        f"The {noun} {shown} is larger than this server's limit of {max_bytes:,} bytes "
+        f"(--{noun}-max-bytes)."
     )
 
 
 # ---- local files -----------------------------------------------------------------------------
 
 
-def read_local_file(url: str, config: Config) -> bytes:
+def read_local_file(
+    url: str, config: Config, max_bytes: int | None = None, noun: str = "image"
+) -> bytes:
     """A local image under --allowed-local-media-path, given as a path or a `file://` URL.
 
     Relative paths are taken from the allowed directory. The path is resolved (symlinks and
@@ -207,12 +217,13 @@ def read_local_file(url: str, config: Config) -> bytes:
                 f"The image path {_shown(url)} is outside the directory this server allows "
                 "local images from (--allowed-local-media-path)."
             )
-        return _read_regular_file(real, url, config.image_max_bytes)
+        cap = config.image_max_bytes if max_bytes is None else max_bytes
+        return _read_regular_file(real, url, cap, noun)
     except ValueError:  # an embedded NUL byte
         raise _url_error(f"Invalid image path {_shown(url)}.") from None
 
 
-def _read_regular_file(real: str, url: str, max_bytes: int) -> bytes:
+def _read_regular_file(real: str, url: str, max_bytes: int, noun: str = "image") -> bytes:
     # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below anyway.
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
     try:
@@ -226,25 +237,32 @@ def _read_regular_file(real: str, url: str, max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):  # a directory, FIFO or device (/dev/zero)
             raise _url_error(f"The image path {_shown(url)} is not a regular file.")
         if info.st_size > max_bytes:
-            raise _too_large(_shown(url), max_bytes)
+            raise _too_large(_shown(url), max_bytes, noun)
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(max_bytes + 1)
     finally:
         os.close(fd)
     if len(data) > max_bytes:
-        raise _too_large(_shown(url), max_bytes)
+        raise _too_large(_shown(url), max_bytes, noun)
     return data
 
 
 # ---- http(s) ---------------------------------------------------------------------------------
 
 
-async def fetch_url(url: str, config: Config, client: httpx.AsyncClient) -> bytes:
+async def fetch_url(
+    url: str,
+    config: Config,
+    client: httpx.AsyncClient,
+    max_bytes: int | None = None,
+    noun: str = "image",
+) -> bytes:
     """The body at an http(s) URL, within the fetch timeout (the whole fetch: DNS, every
     redirect hop, the body), the byte cap and the redirect limit, from public hosts only."""
     try:
         async with asyncio.timeout(config.image_fetch_timeout):
-            return await _fetch(url, config, client)
+            cap = config.image_max_bytes if max_bytes is None else max_bytes
+            return await _fetch(url, config, client, cap, noun)
     except (TimeoutError, httpx.TimeoutException):
         raise _url_error(
             f"Timed out after {config.image_fetch_timeout:g} s fetching the image "
@@ -255,7 +273,9 @@ async def fetch_url(url: str, config: Config, client: httpx.AsyncClient) -> byte
         raise _url_error(f"Could not fetch the image {_shown(url)}: {reason}.") from None
 
 
-async def _fetch(url: str, config: Config, client: httpx.AsyncClient) -> bytes:
+async def _fetch(
+    url: str, config: Config, client: httpx.AsyncClient, max_bytes: int, noun: str
+) -> bytes:
     allowed = allowed_hosts(config)
     for _ in range(config.image_max_redirects + 1):
         target = _http_url(url)
@@ -274,7 +294,7 @@ async def _fetch(url: str, config: Config, client: httpx.AsyncClient) -> bytes:
                 raise _url_error(
                     f"Fetching the image {_shown(url)} failed: HTTP {response.status_code}."
                 )
-            return await _read_capped(response, url, config.image_max_bytes)
+            return await _read_capped(response, url, max_bytes, noun)
         finally:
             await response.aclose()
     raise _url_error(
@@ -318,16 +338,18 @@ async def _send_pinned(
     return await client.send(request, stream=True, follow_redirects=False)
 
 
-async def _read_capped(response: httpx.Response, url: str, max_bytes: int) -> bytes:
+async def _read_capped(
+    response: httpx.Response, url: str, max_bytes: int, noun: str = "image"
+) -> bytes:
     """The body, read until it ends or passes `max_bytes` (Content-Length is only a hint)."""
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
-        raise _too_large(_shown(url), max_bytes)
+        raise _too_large(_shown(url), max_bytes, noun)
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > max_bytes:
-            raise _too_large(_shown(url), max_bytes)
+            raise _too_large(_shown(url), max_bytes, noun)
     return bytes(body)
 
 
