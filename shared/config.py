@@ -78,6 +78,11 @@ HELP: dict[str, str] = {
     "image_max_bytes": "largest image accepted, in bytes (fetched, decoded data: URL or file)",
     "image_max_pixels": "largest image accepted, in pixels (width * height), before decoding",
     "image_max_redirects": "most HTTP redirects followed when fetching an image",
+    "video_max_bytes": "largest video accepted, in bytes (fetched, decoded data: URL or file)",
+    "video_max_seconds": "longest video accepted, in seconds (longer ones are refused)",
+    "video_max_frames": "most frames sampled from one video; a request's `max_frames` may ask "
+    "fewer",
+    "video_fps": "frames sampled per second of video unless the request's video part sets `fps`",
     "tool_call_parser": "how the model writes tool calls, for `tool_choice: auto`: "
     + ", ".join(TOOL_CALL_PARSERS)
     + " (empty: auto tool choice is refused)",
@@ -146,6 +151,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     image_max_bytes: int = 20 * 2**20
     image_max_pixels: int = 40_000_000
     image_max_redirects: int = 3
+    video_max_bytes: int = 64 * 2**20
+    video_max_seconds: float = 600.0
+    video_max_frames: int = 32
+    video_fps: float = 2.0
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     max_queued_requests: int = 0
@@ -205,6 +214,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (self.queue_timeout >= 0, "--queue-timeout must be 0 (off) or positive"),
             (self.request_timeout >= 0, "--request-timeout must be 0 (off) or positive"),
             (self.drain_timeout >= 0, "--drain-timeout must be 0 or positive"),
+            (self.video_max_seconds > 0, "--video-max-seconds must be positive"),
+            (self.video_max_frames >= 1, "--video-max-frames must be at least 1"),
+            (self.video_fps > 0, "--video-fps must be positive"),
         ]
         for ok, message in checks:
             if not ok:
