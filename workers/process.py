@@ -126,8 +126,8 @@ def serve(config: Config) -> int:
         session_len = model_session_len(config.session_len, info)
         num_blocks = num_blocks_for(config, model, dtype, device, session_len)
         pool = KVPool.for_model(model, num_blocks, config.block_size, dtype, device)
-        # Every rank runs the plan (the layers' collectives need all of them) and ends with
-        # the whole vocabulary's logits, all-gathered. Only rank 0 samples and answers: no
+        # Every rank runs the plan (the layers' collectives need all of them); the whole
+        # vocabulary's logits are gathered to rank 0 alone. Only rank 0 samples and answers: no
         # broadcast of sampled tokens, and seeded draws happen in one place. The others
         # learn the tokens from the next plan like any other.
         runner = ModelRunner(

@@ -62,7 +62,7 @@ def score_prompt_tokens(
     """Score `targets` ([rows] int64, the token after each row's position) under the logits of
     `hidden` ([rows, hidden]), with the top `num_top` candidates of each row.
 
-    Every tensor-parallel rank must call this alike (the logits are all-gathered); ranks that
+    Every tensor-parallel rank must call this alike (the logits are gathered to rank 0); ranks that
     do not sample pass `keep=False` and get None. Logprobs are the raw logits' log_softmax, as
     the sampler reports them. A target past the logits' width scores -inf, ranked last.
     """

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.workers.layers.linear import copy_into, read_rows
-from vlmserve.workers.parallel import all_gather, all_reduce, tp_rank, tp_size
+from vlmserve.workers.parallel import all_reduce, gather_to_first, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -38,8 +38,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over this rank's vocabulary slice, gathered into the whole vocabulary."""
+    """Logits over this rank's vocabulary slice, gathered into the whole vocabulary on rank 0,
+    the rank that samples; every rank must call it alike (the gather is a collective)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather(F.linear(hidden, self.weight), dim=-1)  # [tokens, padded vocab]
+        """[tokens, vocab] on rank 0; on other ranks their own slice, [tokens, slice]."""
+        logits = gather_to_first(F.linear(hidden, self.weight), dim=-1)  # [tokens, padded vocab]
         return logits[:, : self.vocab_size]
