@@ -9,10 +9,9 @@ import torch
 
 from vlmserve.shared.messages import NewSeq, SamplingParams, SeqStep, StepPlan
 from vlmserve.workers.model_runner import ModelRunner
+from vlmserve.workers.penalties import PenaltyCounts, has_penalties
 from vlmserve.workers.sampler import (
-    PenaltyCounts,
     SamplingInput,
-    has_penalties,
     is_plain_greedy,
     process_logits,
     sample,

@@ -7,7 +7,6 @@ rank 0's sampled tokens are sent back to the scheduler.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
 
 import torch
 from torch import nn
@@ -32,19 +31,14 @@ from vlmserve.workers.logits_processors import (
     processors_for,
 )
 from vlmserve.workers.multimodal import ImageInputs, SeqImage, SeqPositions
+from vlmserve.workers.penalties import PenaltyCounts, has_penalties
 from vlmserve.workers.prompt_logprobs import (
     PromptLogprobsBuffer,
     score_prompt_tokens,
     scored_positions,
     split_scores,
 )
-from vlmserve.workers.sampler import (
-    PenaltyCounts,
-    SamplingInput,
-    has_penalties,
-    is_plain_greedy,
-    sample,
-)
+from vlmserve.workers.sampler import SamplingInput, is_plain_greedy, sample
 from vlmserve.workers.seq_table import SeqTable
 
 
@@ -145,12 +139,7 @@ class ModelRunner:
         """Flatten the step's sequences, decodes (one new token each) first."""
         steps = sorted(steps, key=lambda step: step.num_tokens != 1)  # stable: plan order kept
         states = [self.seqs[step.seq_id] for step in steps]
-        input_ids: list[int] = list(
-            chain.from_iterable(
-                state.token_ids[step.start : step.start + step.num_tokens]
-                for step, state in zip(steps, states, strict=True)
-            )
-        )
+        input_ids: list[int] = []
         mrope: list[torch.Tensor] = []
         image_spans = []
         sample_rows: list[int] = []
@@ -158,9 +147,10 @@ class ModelRunner:
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_spans: list[tuple[int, int, int]] = []
-        row = 0
         for step, state in zip(steps, states, strict=True):
             start, end = step.start, step.start + step.num_tokens
+            row = len(input_ids)
+            input_ids.extend(state.token_ids[start:end])
             if state.mrope is not None:
                 mrope.append(state.mrope.span(start, end))
             if state.images and start < state.images[-1].offset + state.images[-1].length:
@@ -174,7 +164,6 @@ class ModelRunner:
                 prompt_rows += [row + p - start for p in scored]
                 prompt_targets += state.token_ids[scored.start + 1 : scored.stop + 1]
                 prompt_spans.append((step.seq_id, scored.start, len(scored)))
-            row += step.num_tokens
         metadata, ids, sample_rows_t = self.table.metadata(
             [step.seq_id for step in steps],
             [step.start for step in steps],
