@@ -5,7 +5,8 @@ Qwen2-VL the image processor plus the processor's placeholder expansion (its Aut
 needs torchvision for video, which has no build for this torch), and `mm_token_type_ids`,
 without which transformers 5's Qwen2-VL `generate` silently builds the wrong positions;
 for InternVL its own InternVLProcessor, built without the video processor it cannot load here;
-for Idefics3 and SmolVLM transformers' Idefics3Processor (`idefics3_processor`).
+for Idefics3 and SmolVLM transformers' Idefics3Processor (`idefics3_processor`); for Mistral 3
+transformers' PixtralProcessor (`pixtral_processor`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import base64
 import io
 import json
 import os
+import sys
+import types
 from unittest import mock
 
 import numpy as np
@@ -67,6 +70,28 @@ def idefics3_processor(model_dir: str) -> transformers.Idefics3Processor:
     )
 
 
+def pixtral_processor(model_dir: str) -> object:
+    """transformers' PixtralProcessor for a checkpoint (its image processor, tokenizer and
+    processor_config.json). Its module imports one helper (for counting tokens ahead, which
+    processing images never calls) from the torchvision image processor, which has no build for
+    our torch; the PIL image processor's same-named helper stands in for that import."""
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    stand_in = types.ModuleType(name)
+    stand_in.get_resize_output_image_size = pil.get_resize_output_image_size
+    with mock.patch.dict(sys.modules, {name: stand_in}):
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    with open(os.path.join(model_dir, "processor_config.json")) as f:
+        published = json.load(f)
+    kwargs = {k: published[k] for k in ("patch_size", "spatial_merge_size") if k in published}
+    return PixtralProcessor(
+        transformers.AutoImageProcessor.from_pretrained(model_dir),
+        transformers.AutoTokenizer.from_pretrained(model_dir),
+        **kwargs,
+    )
+
+
 class VLMReference:
     def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         self.model_dir = model_dir
@@ -104,6 +129,17 @@ class VLMReference:
             )
             processor = idefics3_processor(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        if self.arch == "Mistral3ForConditionalGeneration":
+            processor = pixtral_processor(self.model_dir)
+            # The template writes the BOS itself, as Mistral's does: the processor must not add
+            # a second (the tokenizer's own only when the text lacks it).
+            bos = processor.tokenizer.bos_token
+            add = not (bos and text.startswith(bos))
+            return dict(
+                processor(
+                    text=[text], images=images or None, return_tensors="pt", add_special_tokens=add
+                )
+            )
         if "Qwen" not in self.arch:
             processor = transformers.AutoProcessor.from_pretrained(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))

@@ -14,6 +14,7 @@ from vlmserve.shared.models import (
     llama,
     llava,
     llava_original,
+    mistral3,
     qwen2_vl,
     qwen3_vl,
 )
@@ -40,6 +41,7 @@ SPECS: list[ModelSpec] = [
     *qwen3_vl.SPECS,
     *internvl.SPECS,
     *idefics3.SPECS,
+    *mistral3.SPECS,
 ]
 _BY_ARCHITECTURE = {name: spec for spec in SPECS for name in spec.architectures}
 

@@ -18,6 +18,7 @@ from vlmserve.workers.models.llama import (
 )
 from vlmserve.workers.models.llava import LlavaModel, LlavaNextModel
 from vlmserve.workers.models.llava_original import LlavaOriginalModel
+from vlmserve.workers.models.mistral3 import Mistral3Model
 from vlmserve.workers.models.qwen2_vl import Qwen2VLModel, Qwen25VLModel
 from vlmserve.workers.models.qwen3_vl import Qwen3VLModel
 
@@ -35,6 +36,7 @@ COMPUTE: dict[str, type[nn.Module]] = {
     "internvl": InternVLModel,
     "idefics3": Idefics3Model,
     "smolvlm": SmolVLMModel,
+    "mistral3": Mistral3Model,
 }
 
 
