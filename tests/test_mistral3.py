@@ -14,7 +14,10 @@ prompts whose token ids are the same but whose images differ must not share cach
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -22,6 +25,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from server_fixtures import file_server, local_config
 from vlm_reference import VLMReference, data_url, pixtral_processor, template_messages
 
@@ -146,6 +150,30 @@ def test_placeholders_that_do_not_pair_with_images_are_refused(checkpoint: str) 
     for text, images in (("[IMG] and [IMG]", [image]), ("none here", [image, image])):
         with pytest.raises(ValueError, match="placeholders for"):
             ours.process(text, images)
+
+
+def test_lm_head_tied_only_when_the_checkpoint_has_none(checkpoint: str, tmp_path: Path) -> None:
+    """Mistral Small 3.1's config.json (like the demo's) does not say tie_word_embeddings, which
+    transformers' Mistral3Config reads as True, and its checkpoint holds its own lm_head, which
+    transformers loads untied: our config unties it too. Without an lm_head, both tie."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        assert "tie_word_embeddings" not in json.load(f)
+    spec = checkpoint_spec(checkpoint)
+    assert transformers.AutoConfig.from_pretrained(checkpoint).tie_word_embeddings
+    assert not spec.hf_config(checkpoint).tie_word_embeddings
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint)
+    embed = ref.model.language_model.embed_tokens.weight
+    assert not torch.equal(ref.lm_head.weight, embed)
+    tied = str(tmp_path / "tied")
+    shutil.copytree(checkpoint, tied)
+    weights = load_file(os.path.join(tied, "model.safetensors"))
+    head = [k for k in weights if k.endswith("lm_head.weight")]
+    assert len(head) == 1
+    del weights[head[0]]
+    save_file(weights, os.path.join(tied, "model.safetensors"), metadata={"format": "pt"})
+    assert spec.hf_config(tied).tie_word_embeddings
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(tied)
+    assert ref.lm_head.weight.data_ptr() == ref.model.language_model.embed_tokens.weight.data_ptr()
 
 
 def test_vision_half_rows_equal_transformers(checkpoint: str) -> None:

@@ -73,6 +73,14 @@ def build_mistral3(out_dir: str, seed: int = 0) -> str:
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out_dir)
+    # As Mistral Small 3.1's config.json: no tie_word_embeddings (transformers' Mistral3Config
+    # then says True) beside an lm_head of its own.
+    with open(os.path.join(out_dir, "config.json")) as f:
+        saved = json.load(f)
+    saved.pop("tie_word_embeddings")
+    saved["text_config"].pop("tie_word_embeddings")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(saved, f, indent=2)
     images = transformers.PixtralImageProcessorPil(
         size={"longest_edge": LONGEST_EDGE}, patch_size={"height": PATCH, "width": PATCH},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
