@@ -197,7 +197,7 @@ def read_local_file(
     """
     if not config.allowed_local_media_path:
         raise _url_error(
-            "Local image files are not allowed on this server (start it with "
+            f"Local {noun} files are not allowed on this server (start it with "
             "--allowed-local-media-path to allow a directory); send an http(s) or data: URL."
         )
     path = url
@@ -214,13 +214,13 @@ def read_local_file(
         real = os.path.realpath(os.path.join(root, path))
         if os.path.commonpath([root, real]) != root:
             raise _url_error(
-                f"The image path {_shown(url)} is outside the directory this server allows "
-                "local images from (--allowed-local-media-path)."
+                f"The {noun} path {_shown(url)} is outside the directory this server allows "
+                f"local {noun}s from (--allowed-local-media-path)."
             )
         cap = config.image_max_bytes if max_bytes is None else max_bytes
         return _read_regular_file(real, url, cap, noun)
     except ValueError:  # an embedded NUL byte
-        raise _url_error(f"Invalid image path {_shown(url)}.") from None
+        raise _url_error(f"Invalid {noun} path {_shown(url)}.") from None
 
 
 def _read_regular_file(real: str, url: str, max_bytes: int, noun: str = "image") -> bytes:
@@ -229,13 +229,14 @@ def _read_regular_file(real: str, url: str, max_bytes: int, noun: str = "image")
     try:
         fd = os.open(real, flags)
     except FileNotFoundError:
-        raise _url_error(f"No such image file: {_shown(url)}.") from None
+        raise _url_error(f"No such {noun} file: {_shown(url)}.") from None
     except OSError as exc:
-        raise _url_error(f"The image file {_shown(url)} cannot be read: {exc.strerror}.") from None
+        message = f"The {noun} file {_shown(url)} cannot be read: {exc.strerror}."
+        raise _url_error(message) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):  # a directory, FIFO or device (/dev/zero)
-            raise _url_error(f"The image path {_shown(url)} is not a regular file.")
+            raise _url_error(f"The {noun} path {_shown(url)} is not a regular file.")
         if info.st_size > max_bytes:
             raise _too_large(_shown(url), max_bytes, noun)
         with os.fdopen(fd, "rb", closefd=False) as file:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from vlmserve.frontend.errors import bad_request
 from vlmserve.frontend.media_fetch import image_hash
-from vlmserve.frontend.schemas import ChatMessage, ImagePart, ToolChatMessage
+from vlmserve.frontend.schemas import ChatMessage, ImagePart, ToolChatMessage, VideoPart
+from vlmserve.frontend.video import Video
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.shared.models.processing import processor_chat_template, tokenize_rendered
 
@@ -40,9 +41,11 @@ def template_turn(message: ChatMessage) -> dict[str, Any]:
         turn["content"] = "".join(part.text for part in message.content)
     elif isinstance(message.content, list):
         turn["content"] = [
-            {"type": "image"} if isinstance(part, ImagePart) else msgspec.to_builtins(part)
+            {"type": "image"} if isinstance(part, ImagePart)
+            else {"type": "video"} if isinstance(part, VideoPart)
+            else msgspec.to_builtins(part)
             for part in message.content
-        ]
+        ]  # fmt: skip
     for call in turn.get("tool_calls") or []:
         try:
             call["function"]["arguments"] = json.loads(call["function"]["arguments"])
@@ -131,22 +134,35 @@ class Prompter:
         messages: list[ChatMessage],
         images: list[Image.Image],
         tools: list[dict[str, Any]] | None = None,
+        videos: list[Video] | None = None,
     ) -> tuple[list[int], list[ProcessedImage]]:
-        """The prompt's token ids (image placeholders expanded) and its processed images."""
+        """The prompt's token ids (image and video placeholders expanded) and its processed
+        images and videos, in prompt order (a video is one item, its frames in its arrays)."""
         text = self.render_chat(messages, tools=tools)
-        if not images:
+        if not images and not videos:
             return self.encode_rendered(text), []
         try:
-            ids, placed = self.images.process(text, images)
+            if videos:
+                ids, placed = self.images.process(text, images, videos)
+            else:
+                ids, placed = self.images.process(text, images)
         except ValueError as exc:  # placeholders and images that do not pair up
             message = f"could not place the images in the prompt: {exc}"
             raise bad_request(message, "messages") from exc
         except Exception as exc:  # the model's processor refused this request's images
             message = f"the model's image processor could not take the images: {exc}"
             raise bad_request(message, "messages") from exc
+        # Placed in prompt order, images and videos interleaved: each takes its kind's next key.
+        image_keys = iter([image_hash(img) for img in images])
+        video_keys = iter([video.hash for video in videos or []])
         return ids, [
-            ProcessedImage(p.offset, p.length, image_hash(img), p.arrays)
-            for p, img in zip(placed, images, strict=True)
+            ProcessedImage(
+                p.offset,
+                p.length,
+                next(video_keys if "video_grid_thw" in p.arrays else image_keys),
+                p.arrays,
+            )
+            for p in placed
         ]
 
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:

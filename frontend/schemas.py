@@ -68,7 +68,26 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url", kw_only=True)
     image_url: ImageURL | str
 
 
-ContentPart = TextPart | ImagePart
+class VideoURL(msgspec.Struct, kw_only=True):
+    url: Annotated[str, Meta(description="http(s) URL, or a data: URL with base64 video bytes")]
+    fps: (
+        Annotated[
+            float,
+            Meta(gt=0.0, le=120.0, description="frames sampled per second (default: --video-fps)"),
+        ]
+        | None
+    ) = None
+    max_frames: (
+        Annotated[int, Meta(ge=1, description="most frames sampled (at most --video-max-frames)")]
+        | None
+    ) = None
+
+
+class VideoPart(msgspec.Struct, tag_field="type", tag="video_url", kw_only=True):
+    video_url: VideoURL | str
+
+
+ContentPart = TextPart | ImagePart | VideoPart
 
 
 # One class per role, told apart by `role` (as OpenAI's own document does), so the schema says
@@ -103,7 +122,8 @@ class ToolChatMessage(msgspec.Struct, tag_field="role", tag="tool", kw_only=True
     tool_call_id: str
 
     def __post_init__(self) -> None:
-        if isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content):
+        media = (ImagePart, VideoPart)
+        if isinstance(self.content, list) and any(isinstance(p, media) for p in self.content):
             raise ValueError("a tool message's content is text only")
 
 

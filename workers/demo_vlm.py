@@ -55,6 +55,7 @@ QWEN_VL_TEMPLATE = (
     "{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for p in m['content'] %}"
     "{% if p['type'] in ['image', 'image_url'] %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>{{ '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

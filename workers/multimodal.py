@@ -155,9 +155,15 @@ class ImageInputs:
         return features
 
     def _encode_batch(self, todo: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        names = next(iter(todo.values())).keys()
-        batch = {n: torch.cat([a[n] for a in todo.values()]).to(self.device) for n in names}
-        return dict(zip(todo, self.model.vision(batch), strict=True))
+        """One batch per kind of input (images; Qwen-VL's videos name other arrays)."""
+        kinds: dict[tuple[str, ...], list[str]] = {}
+        for key, arrays in todo.items():
+            kinds.setdefault(tuple(sorted(arrays)), []).append(key)
+        out = {}
+        for names, keys in kinds.items():
+            batch = {n: torch.cat([todo[k][n] for k in keys]).to(self.device) for n in names}
+            out |= dict(zip(keys, self.model.vision(batch), strict=True))
+        return out
 
     def _seq_images(
         self, new: NewSeq, images: list[tuple[ImageMeta, list]], found: dict[str, torch.Tensor]
@@ -184,9 +190,15 @@ class ImageInputs:
         ids = torch.tensor(new.token_ids)
         if not images:
             return SeqPositions(torch.arange(len(ids)).expand(3, -1), 0)
-        grids = torch.cat([torch.from_numpy(np.array(from_frames(m.arrays, f)["image_grid_thw"]))
-                           for m, f in images])  # fmt: skip
-        positions, delta = self.model.rope_index(ids, grids)
+        grids: dict[str, list[torch.Tensor]] = {}  # image_grid_thw, video_grid_thw, seconds
+        for meta, image_frames in images:
+            for name, value in from_frames(meta.arrays, image_frames).items():
+                if name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+                    grids.setdefault(name, []).append(torch.from_numpy(np.array(value)))
+        positions, delta = self.model.rope_index(
+            ids, *(torch.cat(grids[n]) if n in grids else None
+                   for n in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"))
+        )  # fmt: skip
         return SeqPositions(positions, delta)
 
     def embed(

@@ -44,12 +44,15 @@ from vlmserve.frontend.schemas import (
     ChatToolCallDelta,
     ImagePart,
     TopLogprob,
+    VideoPart,
+    VideoURL,
     make_usage,
 )
 from vlmserve.frontend.state import FrontendState
 from vlmserve.frontend.structured_output import require_chat_template
 from vlmserve.frontend.tool_choice import plan_tools
 from vlmserve.frontend.validation import decode_request
+from vlmserve.frontend.video import load_videos
 from vlmserve.shared.messages import TokenLogprob
 
 encoder = msgspec.json.Encoder()
@@ -121,6 +124,16 @@ def image_urls(messages: list[ChatMessage]) -> list[str]:
     return urls
 
 
+def video_parts(messages: list[ChatMessage]) -> list[VideoURL | str]:
+    """Every video of the conversation, in order."""
+    return [
+        part.video_url
+        for message in messages
+        for part in (message.content if isinstance(message.content, list) else [])
+        if isinstance(part, VideoPart)
+    ]
+
+
 def sse(payload: msgspec.Struct | bytes) -> SSEvent:
     data = payload if isinstance(payload, bytes) else encoder.encode(payload)
     return SSEvent(data=data)
@@ -139,12 +152,19 @@ class ChatCompletionsResource:
         urls = image_urls(body.messages)
         if urls and state.prompter.images is None:
             raise bad_request("this model does not accept images", "messages")
+        videos = video_parts(body.messages)
+        frame_multiple = getattr(state.prompter.images, "video_frame_multiple", None)
+        if videos and frame_multiple is None:
+            raise bad_request("this model does not accept videos", "messages")
         record = request_record(req)
         started = time.perf_counter()
         images = await load_images(urls, state.config, state.http) if urls else []
+        clips = []
+        if videos:
+            clips = await load_videos(videos, state.config, state.http, frame_multiple)
         plan = plan_tools(body, state.config.tool_call_parser, state.config.reasoning_parser)
         prompt_ids, processed = await state.off_loop(
-            state.prompter.chat_inputs, body.messages, images, plan.tools
+            state.prompter.chat_inputs, body.messages, images, plan.tools, clips
         )
         record.images_ready(len(urls), time.perf_counter() - started)
         asked = body.max_completion_tokens or body.max_tokens

@@ -2,15 +2,19 @@
 merged 2x2 patch, multimodal RoPE (computed by the compute side).
 
 Their AutoProcessor needs torchvision (for video), which has no build for our torch, so the
-image processor runs alone and the placeholder expansion is done here, as their processor does.
+image processor runs alone and the placeholder expansion is done here, as their processor does;
+videos (`<|video_pad|>`) go through shared/models/video.py.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
 from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage
+from vlmserve.shared.models.video import video_patches, video_size
 
 
 class QwenVLImages:
@@ -21,33 +25,68 @@ class QwenVLImages:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.image_token_id = hf_config.image_token_id
         self.pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # Videos (shared/models/video.py): frames are sampled in multiples of the temporal patch.
+        self.video_token_id = hf_config.video_token_id
+        self.video_pad = self.tokenizer.convert_ids_to_tokens(self.video_token_id)
+        self.video_frame_multiple = int(self.image_processor.temporal_patch_size)
+        self.video_size = video_size(model_dir)
 
-    def process(self, text: str, images: list) -> tuple[list[int], list[PlacedImage]]:
+    def process(
+        self, text: str, images: list, videos: Sequence[Any] = ()
+    ) -> tuple[list[int], list[PlacedImage]]:
+        """As ImageProcessor.process; `videos` have `frames` [n, height, width, 3] (uint8
+        RGB) and `fps` (of the sampled frames) and are placed at the `<|video_pad|>`s."""
         import numpy as np
 
-        out = self.image_processor(images=images, return_tensors="np")
-        grids = out["image_grid_thw"]
         merge = self.image_processor.merge_size**2
-        parts = text.split(self.pad)
-        if len(parts) != len(images) + 1:
-            raise ValueError(f"{len(parts) - 1} image placeholders for {len(images)} images")
-        counts = [int(np.prod(g)) // merge for g in grids]
-        text = parts[0] + "".join(self.pad * n + p for n, p in zip(counts, parts[1:], strict=True))
-        ids = tokenize_rendered(self.tokenizer, text)
-        bounds = np.cumsum([0, *[int(np.prod(g)) for g in grids]])
-        runs = placeholder_runs(ids, self.image_token_id)
-        if len(runs) != len(images):  # placeholders written next to each other merge
-            raise ValueError(f"{len(runs)} image placeholder runs for {len(images)} images")
-        return ids, [
-            PlacedImage(
-                offset,
-                length,
+        items: list[dict[str, Any]] = []
+        if images:
+            out = self.image_processor(images=images, return_tensors="np")
+            bounds = np.cumsum([0, *[int(np.prod(g)) for g in out["image_grid_thw"]]])
+            items += [
                 {
                     "pixel_values": out["pixel_values"][bounds[i] : bounds[i + 1]],
-                    "image_grid_thw": grids[i : i + 1],
-                },
+                    "image_grid_thw": out["image_grid_thw"][i : i + 1],
+                }
+                for i in range(len(images))
+            ]
+        for video in videos:
+            patches, grid = video_patches(self.image_processor, video.frames, self.video_size)
+            seconds = self.video_frame_multiple / video.fps  # of video per temporal patch
+            items.append(
+                {
+                    "pixel_values_videos": patches,
+                    "video_grid_thw": grid,
+                    "second_per_grid_ts": np.array([seconds], dtype=np.float32),
+                }
             )
-            for i, (offset, length) in enumerate(runs)
+        image_items, video_items = items[: len(images)], items[len(images) :]
+        pads = {self.pad: image_items, self.video_pad: video_items}
+        pieces = re.split(f"({re.escape(self.pad)}|{re.escape(self.video_pad)})", text)
+        for pad, found in pads.items():
+            if pieces.count(pad) != len(found):
+                kind = "image" if pad == self.pad else "video"
+                raise ValueError(
+                    f"{pieces.count(pad)} {kind} placeholders for {len(found)} {kind}s"
+                )
+        cursor = {self.pad: iter(image_items), self.video_pad: iter(video_items)}
+        ordered, expanded = [], []
+        for piece in pieces:
+            if piece in pads:
+                item = next(cursor[piece])
+                grid = item.get("image_grid_thw", item.get("video_grid_thw"))
+                ordered.append(item)
+                piece = piece * (int(np.prod(grid)) // merge)
+            expanded.append(piece)
+        ids = tokenize_rendered(self.tokenizer, "".join(expanded))
+        runs = sorted(
+            placeholder_runs(ids, self.image_token_id) + placeholder_runs(ids, self.video_token_id)
+        )
+        if len(runs) != len(ordered):  # placeholders written next to each other merge
+            raise ValueError(f"{len(runs)} placeholder runs for {len(ordered)} images and videos")
+        return ids, [
+            PlacedImage(offset, length, arrays)
+            for (offset, length), arrays in zip(runs, ordered, strict=True)
         ]
 
 

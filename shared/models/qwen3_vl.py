@@ -6,11 +6,19 @@ and DeepStack are the compute side's."""
 from __future__ import annotations
 
 from vlmserve.shared.models.qwen2_vl import Qwen2VLSpec
+from vlmserve.shared.models.spec import ImageProcessor
 
 
 class Qwen3VLSpec(Qwen2VLSpec):
     family = "qwen3_vl"
     architectures = ("Qwen3VLForConditionalGeneration",)
+
+    def image_processor(self, model_dir: str) -> ImageProcessor:
+        images = super().image_processor(model_dir)
+        # Videos not yet: Qwen3-VL writes a timestamp before each temporal patch's tokens and
+        # places them in time differently; refused with a 400 rather than served wrong.
+        images.video_frame_multiple = None
+        return images
 
 
 SPECS = [Qwen3VLSpec()]

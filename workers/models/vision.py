@@ -52,7 +52,11 @@ class VisionEncoder(nn.Module):
         return list(self.image_features(arrays).pooler_output)
 
     def image_features(self, arrays: dict[str, torch.Tensor]) -> Any:
-        """transformers' `get_image_features` output for the batch, in the tower's dtype."""
+        """transformers' `get_image_features` output for the batch, in the tower's dtype (its
+        `get_video_features` for a batch of videos: Qwen-VL's `pixel_values_videos`)."""
         dtype = next(self.hf.parameters()).dtype
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in arrays.items()}
+        if "pixel_values_videos" in inputs:
+            videos, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+            return self.hf.get_video_features(videos, grids, return_dict=True)
         return self.hf.get_image_features(**inputs, return_dict=True)
