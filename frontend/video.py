@@ -28,6 +28,7 @@ from vlmserve.shared.config import Config
 
 PARAM = "messages"
 VIDEO_CODE = "invalid_video"
+MIN_FRAMES = 4  # Qwen2VLVideoProcessor's min_frames: short or slow samplings take at least 4
 
 
 @dataclass
@@ -67,12 +68,13 @@ def sampling_of(part: VideoURL | str, config: Config, multiple: int) -> Sampling
 
 
 def sample_indices(total: int, native_fps: float, sampling: Sampling) -> list[int]:
-    """Which of `total` frames (at `native_fps`) are sampled: `sampling.fps` a second, at most
-    `max_frames`, rounded down to a multiple of `multiple` but never fewer than one multiple
-    (a clip shorter than that keeps all its frames; the processor repeats the last)."""
+    """Which of `total` frames (at `native_fps`) are sampled: `sampling.fps` a second but at
+    least MIN_FRAMES, at most `max_frames`, rounded down to a multiple of `multiple` but never
+    fewer than one multiple (a clip shorter than that keeps all its frames; the processor
+    repeats the last)."""
     m = sampling.multiple
     wanted = total / native_fps * sampling.fps
-    n = min(wanted, sampling.max_frames, total)
+    n = min(max(wanted, MIN_FRAMES), sampling.max_frames, total)
     n = max(m, math.floor(n / m) * m)
     n = min(n, total)
     return [int(i * total / n) for i in range(n)]

@@ -99,6 +99,10 @@ def test_sampling_and_decoding() -> None:
     frames = all_frames(clip)
     sampling = Sampling(fps=2.0, max_frames=32, multiple=2, max_seconds=60, max_pixels=10**6)
     assert sample_indices(8, 4.0, sampling) == processor_sampling(8, 4.0, 2.0) == [0, 2, 4, 6]
+    for fps in (0.5, 1.0, 3.0, 4.0):  # below MIN_FRAMES, odd counts, every frame
+        slow = Sampling(fps=fps, max_frames=32, multiple=2, max_seconds=60, max_pixels=10**6)
+        assert sample_indices(8, 4.0, slow) == processor_sampling(8, 4.0, fps), fps
+        assert sample_indices(30, 10.0, slow) == processor_sampling(30, 10.0, fps), fps
     video = decode_video(clip, sampling)
     np.testing.assert_array_equal(video.frames, frames[[0, 2, 4, 6]])
     assert video.fps == 2.0
