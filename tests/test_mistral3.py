@@ -177,8 +177,10 @@ def test_lm_head_tied_only_when_the_checkpoint_has_none(checkpoint: str, tmp_pat
 
 
 def test_vision_half_rows_equal_transformers(checkpoint: str) -> None:
-    """Our vision half, on three images of different sizes batched (their patches one after
-    another), returns per image transformers' image features, one row per [IMG] token."""
+    """Our vision half, on four images of different sizes batched (their patches one after
+    another), returns per image transformers' image features, one row per [IMG] token; the
+    tower runs on groups of them of at most one largest image's patches (12 x 12 here): the
+    first alone (8 x 12), the next two together (12 x 6 and 2 x 4), the last alone (6 x 12)."""
     from vlmserve.workers.models.registry import build_model
 
     spec = checkpoint_spec(checkpoint)
@@ -188,13 +190,22 @@ def test_vision_half_rows_equal_transformers(checkpoint: str) -> None:
         model.map_checkpoint_name(k).removeprefix("vision."): v for k, v in ref.state_dict().items()
     }
     model.vision.load_state_dict({k: v for k, v in state.items() if k.startswith("hf.")})
-    images = [make_images()[i] for i in (0, 2, 3)]
-    ids, placed = spec.image_processor(checkpoint).process("[IMG][IMG] and [IMG]", images)
+    images = [make_images()[i] for i in (0, 2, 3, 1)]
+    ids, placed = spec.image_processor(checkpoint).process("[IMG][IMG] and [IMG][IMG]", images)
     batch = {
         k: torch.cat([torch.from_numpy(p.arrays[k]) for p in placed]) for k in placed[0].arrays
     }
+    calls = []
+    tower = model.vision.image_features
+
+    def spy(arrays: dict) -> object:
+        calls.append(arrays["image_sizes"].tolist())
+        return tower(arrays)
+
+    model.vision.image_features = spy
     with torch.no_grad():
         rows = model.vision(batch)
+        assert calls == [[[32, 48]], [[48, 24], [8, 16]], [[24, 48]]]
         for p, got in zip(placed, rows, strict=True):
             h, w = (int(v) for v in p.arrays["image_sizes"][0])
             alone = pixels(p)[None]  # transformers' tower on this image alone, unpadded
