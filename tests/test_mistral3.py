@@ -8,7 +8,8 @@ different sizes batched; through the real server, 8 requests in flight (one imag
 text only, by data URL and by http URL) must give transformers' greedy tokens with exact
 `usage.prompt_tokens`, with prefill chunks and cached prefix blocks that end inside images
 (mid-row and on row breaks), twice (encoder cache and prefix cache the second time), and two
-prompts whose token ids are the same but whose images differ must not share cached blocks.
+prompts whose token ids are the same but whose images differ must not share cached blocks; an
+[IMG] typed into a message is a 400 naming `messages`, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from server_fixtures import file_server, local_config
+from server_fixtures import file_server, local_config, metrics, wait_for
 from vlm_reference import VLMReference, data_url, pixtral_processor, template_messages
 
 from vlmserve.deploy.launcher import server
@@ -260,6 +261,25 @@ def test_served_like_transformers(
     with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:
         first = asyncio.run(ask_all(srv["url"]))
         again = asyncio.run(ask_all(srv["url"]))  # encoder cache, prefixes cut mid-image
+        hits = wait_for(
+            lambda: metrics(srv["url"]).get("vlmserve:prefix_cache_hits_total", 0),
+            10,
+            "prefix cache hits",
+        )
+        # An [IMG] typed into the text leaves one image with two places: a 400 naming the
+        # messages, and the server goes on serving.
+        typed = one(0, "is [IMG] here")
+        client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model="ckpt", messages=with_urls(typed, None), max_tokens=2
+            )
+        assert err.value.body["param"] == "messages", err.value.body
+        after = client.chat.completions.create(
+            model="ckpt", messages=with_urls(CHATS[3][0], None), max_tokens=MAX_NEW, temperature=0
+        )
+        assert after.choices[0].message.content == texts[3]
+    assert hits > 0
     for label, replies in (("first", first), ("cached", again)):
         for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
             what = f"{label} round, request {i} ({len(CHATS[i][1])} images)"
