@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from vlmserve.workers.attention import torch_backend
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.metadata import AttentionMetadata
 
@@ -158,25 +159,13 @@ def prefills(meta: AttentionMetadata) -> list[Prefill]:
 def decode_groups(
     meta: AttentionMetadata, size: int, kv_heads: int, dtype: torch.dtype
 ) -> list[Decodes]:
-    """Decodes sorted by context length, `size` at a time: each group is padded only to
-    its own longest context, so few padded keys are gathered."""
-    if meta.num_decodes == 0:
-        return []
-    device = meta.block_tables.device
-    lengths = meta.seq_lens_cpu[: meta.num_decodes]
-    order = torch.argsort(lengths, stable=True)
-    sorted_lengths = lengths[order].tolist()
-    order_dev = order.to(device)
-    keys = torch.arange(-(-meta.max_seq_len // meta.block_size) * meta.block_size, device=device)
+    """The reference's groups (sorted by context length, each padded only to its own
+    longest), with the padding as a bias laid out head-major like the score matmul."""
     groups = []
-    for first in range(0, meta.num_decodes, size):
-        rows = order_dev[first : first + size]  # decode rows are sequence indices
-        longest = sorted_lengths[min(first + size, meta.num_decodes) - 1]
-        num_blocks = -(-longest // meta.block_size)
-        blocks = meta.block_tables[rows, :num_blocks].flatten().long()
-        past = keys[: num_blocks * meta.block_size] >= meta.seq_lens[rows, None]
-        bias = torch.zeros(past.shape, dtype=dtype, device=device).masked_fill_(past, -torch.inf)
-        # [kv_heads * decodes, 1, keys]: the batch of the score matmul is head-major.
-        bias = bias[None, :, None].expand(kv_heads, -1, -1, -1).reshape(-1, 1, bias.shape[-1])
-        groups.append(Decodes(rows, blocks, bias))
+    for group in torch_backend.decode_groups(meta, size):
+        past = group.padding[:, 0]  # [decodes, keys]
+        bias = torch.zeros(past.shape, dtype=dtype, device=past.device)
+        bias.masked_fill_(past, -torch.inf)
+        bias = bias[None, :, None].expand(kv_heads, -1, -1, -1).reshape(-1, 1, past.shape[-1])
+        groups.append(Decodes(group.token_idx, group.blocks, bias))
     return groups

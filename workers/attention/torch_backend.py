@@ -141,8 +141,8 @@ def prefill_spans(meta: AttentionMetadata) -> list[PrefillSpan]:
     return spans
 
 
-def decode_groups(meta: AttentionMetadata) -> list[DecodeGroup]:
-    """Decodes sorted by context length, in groups: padding each group to its longest
+def decode_groups(meta: AttentionMetadata, size: int = DECODE_GROUP) -> list[DecodeGroup]:
+    """Decodes sorted by context length, `size` at a time: padding each group to its longest
     context gathers far fewer padded keys than padding the whole batch to the longest."""
     if meta.num_decodes == 0:
         return []
@@ -155,9 +155,9 @@ def decode_groups(meta: AttentionMetadata) -> list[DecodeGroup]:
         -(-meta.max_seq_len // meta.block_size) * meta.block_size, device=device
     )
     groups = []
-    for first in range(0, meta.num_decodes, DECODE_GROUP):
-        members = order_dev[first : first + DECODE_GROUP]  # decode rows are sequence indices
-        longest = sorted_lengths[min(first + DECODE_GROUP, meta.num_decodes) - 1]
+    for first in range(0, meta.num_decodes, size):
+        members = order_dev[first : first + size]  # decode rows are sequence indices
+        longest = sorted_lengths[min(first + size, meta.num_decodes) - 1]
         num_blocks = -(-longest // meta.block_size)
         blocks = meta.block_tables[members, :num_blocks].flatten().long()
         padding = positions[: num_blocks * meta.block_size] >= meta.seq_lens[members, None]
