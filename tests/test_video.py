@@ -188,8 +188,9 @@ def video_part(url: str, **fields: object) -> dict:
 def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN001
     """Three video requests (alone by data: URL at the default 2 fps; beside an image, from a
     local file at 4 fps; by http with max_frames) like transformers, twice (the second time
-    from the encoder and prefix caches); between the rounds, on Qwen2-VL, bad videos are
-    refused with 400s and the second round shows the server still serving."""
+    from the encoder and prefix caches); 19- and 7-token steps and 4-token blocks, so prefill
+    chunks and cached prefixes end inside videos. Between the rounds, on Qwen2-VL, bad videos
+    are refused with 400s and the second round shows the server still serving."""
     model_dir = build_qwen2_vl(str(tmp_path / "ckpt"), v2_5=v2_5)
     clip = make_clip()
     media = tmp_path / "media"
@@ -214,8 +215,9 @@ def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN0
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     config = local_config(
         model_dir, tmp_path, allowed_media_domains="127.0.0.1",
-        allowed_local_media_path=str(media), num_kv_blocks=128,
-        video_max_seconds=5.0, video_max_bytes=len(clip) * 3 // 2, video_max_frames=8,
+        allowed_local_media_path=str(media), num_kv_blocks=256, block_size=4,
+        max_batched_tokens=7 if v2_5 else 19, max_batch_size=4, video_max_seconds=5.0,
+        video_max_bytes=len(clip) * 3 // 2, video_max_frames=8,
     )  # fmt: skip
     with file_server(str(media)) as base, server(config, str(tmp_path / "server.log")) as srv:
         urls = {"DATA": video_data_url(clip), "FILE": "clip.mp4", "HTTP": f"{base}/clip.mp4"}
