@@ -24,7 +24,13 @@ import torch
 import transformers
 from PIL import Image
 from server_fixtures import file_server, local_config
-from vlm_reference import VLMReference, data_url, idefics3_processor, template_messages
+from vlm_reference import (
+    VLMReference,
+    idefics3_processor,
+    template_messages,
+    user_turn,
+    with_image_urls,
+)
 
 from vlmserve.deploy.launcher import server
 from vlmserve.frontend.prompts import Prompter, drops_string_content
@@ -49,49 +55,28 @@ def make_images() -> list[Image.Image]:
     ]
 
 
-def one(i: int, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"IMG{i}"}},
-                                         {"type": "text", "text": text}]}]  # fmt: skip
-
-
 TWO = [{"role": "user", "content": [
     {"type": "image_url", "image_url": {"url": "IMG0"}},
     {"type": "text", "text": "compare these"},
     {"type": "image_url", "image_url": {"url": "IMG1"}},
 ]}]  # fmt: skip
 CHATS = [  # (messages, indices of the images they show)
-    (one(0, "describe"), [0]),
+    (user_turn(0, "describe"), [0]),
     (TWO, [0, 1]),
     ([{"role": "user", "content": "no picture here, just words"}], []),
-    (one(1, "what colour"), [1]),
-    (one(2, "tell me"), [2]),
+    (user_turn(1, "what colour"), [1]),
+    (user_turn(2, "tell me"), [2]),
     (
         [
-            *one(2, "what is it"),
+            *user_turn(2, "what is it"),
             {"role": "assistant", "content": "a gradient"},
             {"role": "user", "content": "and the colours?"},
         ],
         [2],
     ),  # fmt: skip
-    (one(0, "again, describe"), [0]),
+    (user_turn(0, "again, describe"), [0]),
     (TWO, [0, 1]),
 ]
-
-
-def with_urls(messages: list[dict], base: str | None) -> list[dict]:
-    """IMG<i> as a data URL, or by http from `base`."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [dict(p) for p in content]
-            for p in content:
-                if p["type"] == "image_url":
-                    i = int(p["image_url"]["url"][3:])
-                    url = f"{base}/{i}.png" if base else data_url(make_images()[i])
-                    p["image_url"] = {"url": url}
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +212,7 @@ def test_served_like_transformers(
             jobs = [
                 client.chat.completions.create(
                     model="ckpt",
-                    messages=with_urls(msgs, image_server if i % 2 else None),
+                    messages=with_image_urls(msgs, make_images(), image_server if i % 2 else None),
                     max_tokens=MAX_NEW,
                     temperature=0,
                 )  # fmt: skip

@@ -28,7 +28,13 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from server_fixtures import file_server, local_config, metrics, wait_for
-from vlm_reference import VLMReference, data_url, pixtral_processor, template_messages
+from vlm_reference import (
+    VLMReference,
+    pixtral_processor,
+    template_messages,
+    user_turn,
+    with_image_urls,
+)
 
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.models import checkpoint_spec
@@ -51,50 +57,29 @@ def make_images() -> list[Image.Image]:
     ]
 
 
-def one(i: int, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"IMG{i}"}},
-                                         {"type": "text", "text": text}]}]  # fmt: skip
-
-
 TWO = [{"role": "user", "content": [
     {"type": "image_url", "image_url": {"url": "IMG0"}},
     {"type": "text", "text": "compare these"},
     {"type": "image_url", "image_url": {"url": "IMG2"}},
 ]}]  # fmt: skip
 CHATS = [  # (messages, indices of the images they show)
-    (one(0, "describe"), [0]),
+    (user_turn(0, "describe"), [0]),
     (TWO, [0, 2]),
     ([{"role": "user", "content": "no picture here, just words"}], []),
-    (one(1, "what colour"), [1]),
-    (one(4, "describe"), [4]),  # chat 0's token ids, other pixels
+    (user_turn(1, "what colour"), [1]),
+    (user_turn(4, "describe"), [4]),  # chat 0's token ids, other pixels
     (
         [
             {"role": "system", "content": "be brief"},
-            *one(2, "what is it"),
+            *user_turn(2, "what is it"),
             {"role": "assistant", "content": "a gradient"},
             {"role": "user", "content": "and the colours?"},
         ],
         [2],
     ),
-    (one(3, "tiny"), [3]),
+    (user_turn(3, "tiny"), [3]),
     (TWO, [0, 2]),
 ]
-
-
-def with_urls(messages: list[dict], base: str | None) -> list[dict]:
-    """IMG<i> as a data URL, or by http from `base`."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [dict(p) for p in content]
-            for p in content:
-                if p["type"] == "image_url":
-                    i = int(p["image_url"]["url"][3:])
-                    url = f"{base}/{i}.png" if base else data_url(make_images()[i])
-                    p["image_url"] = {"url": url}
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +138,9 @@ def test_placeholders_that_do_not_pair_with_images_are_refused(checkpoint: str) 
             ours.process(text, images)
 
 
-def test_lm_head_tied_only_when_the_checkpoint_has_none(checkpoint: str, tmp_path: Path) -> None:
+def test_lm_head_tied_only_when_the_checkpoint_has_nuser_turn(
+    checkpoint: str, tmp_path: Path
+) -> None:
     """Mistral Small 3.1's config.json (like the demo's) does not say tie_word_embeddings, which
     transformers' Mistral3Config reads as True, and its checkpoint holds its own lm_head, which
     transformers loads untied: our config unties it too. Without an lm_head, both tie."""
@@ -248,7 +235,7 @@ def test_served_like_transformers(
             jobs = [
                 client.chat.completions.create(
                     model="ckpt",
-                    messages=with_urls(msgs, image_server if i % 2 else None),
+                    messages=with_image_urls(msgs, make_images(), image_server if i % 2 else None),
                     max_tokens=MAX_NEW,
                     temperature=0,
                 )  # fmt: skip
@@ -268,15 +255,18 @@ def test_served_like_transformers(
         )
         # An [IMG] typed into the text leaves one image with two places: a 400 naming the
         # messages, and the server goes on serving.
-        typed = one(0, "is [IMG] here")
+        typed = user_turn(0, "is [IMG] here")
         client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(
-                model="ckpt", messages=with_urls(typed, None), max_tokens=2
+                model="ckpt", messages=with_image_urls(typed, make_images(), None), max_tokens=2
             )
         assert err.value.body["param"] == "messages", err.value.body
         after = client.chat.completions.create(
-            model="ckpt", messages=with_urls(CHATS[3][0], None), max_tokens=MAX_NEW, temperature=0
+            model="ckpt",
+            messages=with_image_urls(CHATS[3][0], make_images(), None),
+            max_tokens=MAX_NEW,
+            temperature=0,
         )
         assert after.choices[0].message.content == texts[3]
     assert hits > 0

@@ -42,6 +42,31 @@ def template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def user_turn(i: int, text: str) -> list[dict]:
+    """One user turn showing image IMG<i> (see `with_image_urls`), then `text`."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"IMG{i}"}},
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def with_image_urls(
+    messages: list[dict], images: list[Image.Image], base: str | None
+) -> list[dict]:
+    """`messages` with each image URL IMG<i> replaced by images[i] as a data URL, or by http
+    from `base` (where it is served as <i>.png)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [dict(p) for p in content]
+            for p in content:
+                if p["type"] == "image_url":
+                    i = int(p["image_url"]["url"][3:])
+                    url = f"{base}/{i}.png" if base else data_url(images[i])
+                    p["image_url"] = {"url": url}
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 def internvl_processor(model_dir: str) -> transformers.InternVLProcessor:
     """transformers' InternVLProcessor for a checkpoint (its image processor, tokenizer and
     image_seq_length). Loading it needs torchvision for the video processor, which has no build
