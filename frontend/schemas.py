@@ -68,19 +68,26 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url", kw_only=True)
     image_url: ImageURL | str
 
 
+VideoFPS = Annotated[
+    float, Meta(gt=0.0, le=120.0, description="frames sampled per second (default: --video-fps)")
+]
+VideoMaxFrames = Annotated[
+    int, Meta(ge=1, description="most frames sampled (at most --video-max-frames)")
+]
+
+
 class VideoURL(msgspec.Struct, kw_only=True):
     url: Annotated[str, Meta(description="http(s) URL, or a data: URL with base64 video bytes")]
-    fps: (
-        Annotated[
-            float,
-            Meta(gt=0.0, le=120.0, description="frames sampled per second (default: --video-fps)"),
-        ]
-        | None
-    ) = None
-    max_frames: (
-        Annotated[int, Meta(ge=1, description="most frames sampled (at most --video-max-frames)")]
-        | None
-    ) = None
+    fps: VideoFPS | None = None
+    max_frames: VideoMaxFrames | None = None
+
+
+class MMProcessorKwargs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's per-request processor settings; here, how every video of the request is sampled
+    (a video part's own `fps` / `max_frames` win). Other keys are refused, not ignored."""
+
+    fps: VideoFPS | None = None
+    max_frames: VideoMaxFrames | None = None
 
 
 class VideoPart(msgspec.Struct, tag_field="type", tag="video_url", kw_only=True):
@@ -207,6 +214,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -187,7 +187,8 @@ def video_part(url: str, **fields: object) -> dict:
 @pytest.mark.parametrize("v2_5", [False, True], ids=["qwen2_vl", "qwen2_5_vl"])
 def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN001
     """Three video requests (alone by data: URL at the default 2 fps; beside an image, from a
-    local file at 4 fps; by http with max_frames) like transformers, twice (the second time
+    local file at 4 fps; by http with fps and max_frames in mm_processor_kwargs) like
+    transformers, twice (the second time
     from the encoder and prefix caches); 19- and 7-token steps and 4-token blocks, so prefill
     chunks and cached prefixes end inside videos. Between the rounds, on Qwen2-VL, bad videos
     are refused with 400s and the second round shows the server still serving."""
@@ -207,7 +208,7 @@ def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN0
             {"type": "image_url", "image_url": {"url": data_url(image())}},
             {"type": "text", "text": "and in the clip"}, video_part("FILE", fps=4)]}],
          [(frames[every], 4.0)], [image()]),
-        ([{"role": "user", "content": [video_part("HTTP", fps=4, max_frames=4),
+        ([{"role": "user", "content": [video_part("HTTP"),  # sampled by mm_processor_kwargs
                                        {"type": "text", "text": "first frames"}]}],
          [(frames[[0, 2, 4, 6]], 2.0)], []),
     ]  # fmt: skip
@@ -231,6 +232,7 @@ def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN0
                         part["video_url"]["url"] = urls[part["video_url"]["url"]]
                 reply = client.chat.completions.create(
                     model="ckpt", messages=messages, max_tokens=MAX_NEW, temperature=0,
+                    extra_body=REQUEST_FIELDS.get(i),
                 )  # fmt: skip
                 label = f"{round_} round, request {i} ({len(vids[0][0])} frames)"
                 assert reply.usage.prompt_tokens == prompt_len, label
@@ -243,6 +245,10 @@ def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN0
                 )
             if round_ == "first" and not v2_5:
                 refuse_bad_videos(client, clip)
+
+
+# vLLM's request-wide processor settings, for the third request (its part sets none).
+REQUEST_FIELDS = {2: {"mm_processor_kwargs": {"fps": 4, "max_frames": 4}}}
 
 
 def first_difference(a: str, b: str) -> int:
@@ -265,13 +271,21 @@ def refuse_bad_videos(client: openai.OpenAI, clip: bytes) -> None:
         (video_part("data:image/png;base64," + base64.b64encode(clip).decode()), "data:video/"),
         (video_part("../../etc/passwd"), "outside the directory"),
     ]
-    for part, gist in bad:
+    fine = video_part(video_data_url(clip))
+    bad_fields = [  # (request fields, param, gist)
+        ({"mm_processor_kwargs": {"max_pixels": 10}}, "mm_processor_kwargs", "max_pixels"),
+        ({"mm_processor_kwargs": {"fps": 0}}, "mm_processor_kwargs.fps", ">"),
+        ({"mm_processor_kwargs": {"max_frames": 9}}, "messages", "--video-max-frames"),
+    ]
+    for part, extra, param, gist in [(p, {}, "messages", g) for p, g in bad] + [
+        (fine, *b) for b in bad_fields
+    ]:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(
-                model="ckpt", max_tokens=4, temperature=0,
+                model="ckpt", max_tokens=4, temperature=0, extra_body=extra,
                 messages=[{"role": "user", "content": [part, {"type": "text", "text": "what"}]}],
             )  # fmt: skip
-        assert err.value.body["param"] == "messages"
+        assert err.value.body["param"] == param, err.value.body
         assert gist.lower() in err.value.body["message"].lower(), err.value.body["message"]
 
 

@@ -43,6 +43,7 @@ from vlmserve.frontend.schemas import (
     ChatToolCall,
     ChatToolCallDelta,
     ImagePart,
+    MMProcessorKwargs,
     TopLogprob,
     VideoPart,
     VideoURL,
@@ -124,13 +125,23 @@ def image_urls(messages: list[ChatMessage]) -> list[str]:
     return urls
 
 
-def video_parts(messages: list[ChatMessage]) -> list[VideoURL | str]:
-    """Every video of the conversation, in order."""
-    return [
-        part.video_url
-        for message in messages
+def video_parts(body: ChatCompletionRequest) -> list[VideoURL]:
+    """Every video of the conversation, in order, with the request's `mm_processor_kwargs`
+    where the part sets no sampling of its own."""
+    kwargs = body.mm_processor_kwargs or MMProcessorKwargs()
+    parts = [
+        part.video_url if isinstance(part.video_url, VideoURL) else VideoURL(url=part.video_url)
+        for message in body.messages
         for part in (message.content if isinstance(message.content, list) else [])
         if isinstance(part, VideoPart)
+    ]
+    return [
+        msgspec.structs.replace(
+            part,
+            fps=kwargs.fps if part.fps is None else part.fps,
+            max_frames=kwargs.max_frames if part.max_frames is None else part.max_frames,
+        )
+        for part in parts
     ]
 
 
@@ -152,7 +163,7 @@ class ChatCompletionsResource:
         urls = image_urls(body.messages)
         if urls and state.prompter.images is None:
             raise bad_request("this model does not accept images", "messages")
-        videos = video_parts(body.messages)
+        videos = video_parts(body)
         frame_multiple = getattr(state.prompter.images, "video_frame_multiple", None)
         if videos and frame_multiple is None:
             raise bad_request("this model does not accept videos", "messages")
