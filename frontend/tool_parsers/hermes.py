@@ -8,7 +8,8 @@
     </tool_call>
 
 Text before, between and after the blocks is content, except whitespace that only leads to a
-block or to the end (the line breaks between blocks, after the last, after `</think>`). A block whose inside is not a call stays content, tags and all.
+block or to the end (the line breaks between blocks, after the last, after `</think>`). A
+block whose inside is not a call stays content, tags and all.
 """
 
 from __future__ import annotations
