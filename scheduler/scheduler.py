@@ -416,9 +416,7 @@ class Scheduler:
             return LENGTH
         return None
 
-    def _fail_one(
-        self, req: Request, error: str, outputs: dict[str, list[RequestOutput]]
-    ) -> None:
+    def _fail_one(self, req: Request, error: str, outputs: dict[str, list[RequestOutput]]) -> None:
         """End a running request whose own input the workers refused (a 400, not a 503)."""
         out = RequestOutput(req.request_id, [], finish_reason=ERROR, error=error, rejected=True)
         outputs.setdefault(req.frontend_id, []).append(out)

@@ -60,8 +60,7 @@ HELP: dict[str, str] = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "text (human-readable lines) or json (one JSON object per line, for log "
     "shippers); every process, gunicorn's own lines included",
-    "log_requests": "put each request's prompt text in its completion log line (off: never "
-    "logged)",
+    "log_requests": "put each request's prompt text in its completion log line (off: never logged)",
     "server_name": "address the HTTP server binds",
     "server_port": "port the HTTP server binds",
     "frontend_workers": "number of Gunicorn worker processes (frontends)",

@@ -191,7 +191,13 @@ class ChatCompletionsResource:
         options = plan.text_options(TextOptions.of(body))
         timeout = RequestTimeout.of(body.timeout, state.config.request_timeout, arrived)
         deltas = generate_choices(
-            state.scheduler, tokenizer, [prompt], sampling, body.n, options, plan.parser,
+            state.scheduler,
+            tokenizer,
+            [prompt],
+            sampling,
+            body.n,
+            options,
+            plan.parser,
             timeout=timeout,
         )
         deltas = record.watch([prompt], body.n, deltas)
