@@ -62,8 +62,9 @@ def chat_bodies(prompts: list[Prompt]) -> list[dict]:
     ]
 
 
-def text_comparison(model_dir: str, args: argparse.Namespace) -> dict:
-    """Every concurrency, `args.rounds` alternating rounds each, on servers started here."""
+def text_comparison(model_dir: str, args: argparse.Namespace, report: dict) -> dict:
+    """Every concurrency, `args.rounds` alternating rounds each, on servers started here.
+    The report so far is written after each concurrency: a run cut short keeps its figures."""
     result: dict = {"per_round": {}, "summary": {}, "peer_failures": {}, "last_prompts": []}
     names = ["vlmserve", *args.peers]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -86,6 +87,8 @@ def text_comparison(model_dir: str, args: argparse.Namespace) -> dict:
             result["per_round"][c] = per_round
             result["summary"][c] = aggregate(per_round)
             print_table(f"text, c={c} (so far)", {c: result["summary"][c]})
+            partial = {k: v for k, v in result.items() if k != "last_prompts"}
+            write_json({**report, "text": partial, "partial": True}, args.out)
     return result
 
 
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             shape, args.concurrency, context, args.input_len, args.output_len
         )
         ceiling.print_report(report["ceiling"])
-    text = text_comparison(model_dir, args)
+    text = text_comparison(model_dir, args, report)
     last_prompts = text.pop("last_prompts")
     report["text"] = text
     if not args.skip_images:
