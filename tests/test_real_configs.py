@@ -129,12 +129,22 @@ def _text_reference(model_dir: str, chats: list) -> list[tuple[int, list[int], s
     return out
 
 
+def _as_parts(messages: list[dict]) -> list[dict]:
+    """String contents as one text part: the form processors' chat templates take (llava-hf's
+    and SmolVLM2's render nothing of a string; the server sends strings as parts to those)."""
+    return [
+        m | {"content": [{"type": "text", "text": m["content"]}]}
+        if isinstance(m["content"], str) else m
+        for m in messages
+    ]  # fmt: skip
+
+
 def _vision_reference(model_dir: str, chats: list) -> list[tuple[int, list[int], str]]:
     ref = VLMReference(model_dir)
     images = _images()
     out = []
     for messages, count in chats:
-        prompt_len, tokens = ref.greedy(messages, images[:count], MAX_NEW)
+        prompt_len, tokens = ref.greedy(_as_parts(messages), images[:count], MAX_NEW)
         out.append((prompt_len, tokens, ref.text(tokens)))
     return out
 
