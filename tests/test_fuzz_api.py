@@ -51,6 +51,7 @@ def test_the_document_of_a_server_without_keys_declares_no_security(srv: dict) -
     assert "security" not in document and "securitySchemes" not in document["components"]
 
 
+@pytest.mark.timeout(600)  # ~50 s on an idle 2-core machine; several times that when shared
 def test_no_5xx_and_every_answer_as_documented(srv: dict) -> None:
     schemathesis = os.path.join(os.path.dirname(sys.executable), "schemathesis")
     command = [
@@ -60,7 +61,7 @@ def test_no_5xx_and_every_answer_as_documented(srv: dict) -> None:
         "--warnings", "off",
     ]  # fmt: skip
     # Its own working directory: schemathesis may write a report folder there.
-    run = subprocess.run(command, cwd=srv["workdir"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=srv["workdir"], capture_output=True, text=True, timeout=540)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-12000:]
     assert "Tested: 7" in report and " passed" in report, report[-3000:]
