@@ -120,14 +120,16 @@ def traffic(srv: dict) -> dict:
     return {"replies": replies, "images": images + 1, "bad": 1}
 
 
-def idle_scrape(url: str) -> dict[str, float]:
-    """A scrape whose engine figures show the idle engine: the scheduler's status reaches each
-    frontend worker twice a second, and a worker that has not heard one yet reports
-    engine_alive 0 and no engine figures."""
+def idle_scrape(url: str, admitted: int) -> dict[str, float]:
+    """A scrape whose engine figures show the idle engine after it admitted `admitted`
+    choices. The scheduler's status reaches each frontend worker twice a second, so a scrape
+    right after the traffic (all of it can take less than that) may still show the engine
+    before it; a worker that has not heard one yet reports engine_alive 0 and no figures."""
     return wait_for(
         lambda: (m := scrape(url)).get("vlmserve:engine_alive") == 1
-        and m.get("vlmserve:num_requests_running") == 0 and m,
-        10, "the engine to be idle",
+        and m.get("vlmserve:num_requests_running") == 0
+        and m.get("vlmserve:request_queue_time_seconds_count") == admitted and m,
+        10, f"the engine's status to show {admitted} admitted and none running",
     )  # fmt: skip
 
 
@@ -142,17 +144,17 @@ def test_metrics_count_the_requests_across_workers(srv: dict, traffic: dict) -> 
     pids = {line["pid"] for line in completion_lines(srv["log"])}
     assert len(pids) == 2, f"both frontend workers should have answered requests: {pids}"
     # The engine's status reaches the frontends twice a second: wait for the idle state.
-    m = idle_scrape(srv["url"])
+    choices = sum(len(r["choices"]) for r in replies)
+    m = idle_scrape(srv["url"], choices)
     served = {series.split("{", 1)[0] for series in m}
     for name in LISTED:
         assert name in served, f"{name} missing from /metrics"
-    choices = sum(len(r["choices"]) for r in replies)
     prompt = sum(r["usage"]["prompt_tokens"] for r in replies)
     generated = sum(r["usage"]["completion_tokens"] for r in replies)
     reasons = [c["finish_reason"] for r in replies for c in r["choices"]]
     model = srv["config"].served_name
     for _ in range(3):  # several scrapes, answered by either worker: the same sums
-        m = idle_scrape(srv["url"])
+        m = idle_scrape(srv["url"], choices)
         assert m["vlmserve:generation_tokens_total"] == generated
         assert m["vlmserve:prompt_tokens_total"] == prompt
         assert m["vlmserve:request_success_total"] == choices
