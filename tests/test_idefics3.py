@@ -12,13 +12,11 @@ SmolVLM at --tp 2.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 
 import msgspec
 import numpy as np
-import openai
 import pytest
 import torch
 import transformers
@@ -26,6 +24,7 @@ from PIL import Image
 from server_fixtures import file_server, local_config
 from vlm_reference import (
     VLMReference,
+    greedy_chats,
     idefics3_processor,
     template_messages,
     user_turn,
@@ -206,25 +205,16 @@ def test_served_like_transformers(
         tp=2 if smolvlm else 1,
     )  # fmt: skip
 
-    async def ask_all(url: str) -> list:
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        try:
-            jobs = [
-                client.chat.completions.create(
-                    model="ckpt",
-                    messages=with_image_urls(msgs, make_images(), image_server if i % 2 else None),
-                    max_tokens=MAX_NEW,
-                    temperature=0,
-                )  # fmt: skip
-                for i, (msgs, _) in enumerate(CHATS)
-            ]
-            return await asyncio.gather(*jobs)
-        finally:
-            await client.close()
+    def ask_all(url: str) -> list:
+        chats = [
+            with_image_urls(msgs, make_images(), image_server if i % 2 else None)
+            for i, (msgs, _) in enumerate(CHATS)
+        ]
+        return greedy_chats(url, chats, MAX_NEW)
 
     with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:
-        first = asyncio.run(ask_all(srv["url"]))
-        again = asyncio.run(ask_all(srv["url"]))  # encoder cache, prefixes cut mid-image
+        first = ask_all(srv["url"])
+        again = ask_all(srv["url"])  # encoder cache, prefixes cut mid-image
     for label, replies in (("first", first), ("cached", again)):
         for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
             what = f"{label} round, request {i} ({len(CHATS[i][1])} images)"

@@ -14,7 +14,6 @@ prompts whose token ids are the same but whose images differ must not share cach
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from server_fixtures import file_server, local_config, metrics, wait_for
 from vlm_reference import (
     VLMReference,
+    greedy_chats,
     pixtral_processor,
     template_messages,
     user_turn,
@@ -229,25 +229,16 @@ def test_served_like_transformers(
         max_batched_tokens=11, max_batch_size=8, block_size=4, num_kv_blocks=1024,
     )  # fmt: skip
 
-    async def ask_all(url: str) -> list:
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        try:
-            jobs = [
-                client.chat.completions.create(
-                    model="ckpt",
-                    messages=with_image_urls(msgs, make_images(), image_server if i % 2 else None),
-                    max_tokens=MAX_NEW,
-                    temperature=0,
-                )  # fmt: skip
-                for i, (msgs, _) in enumerate(CHATS)
-            ]
-            return await asyncio.gather(*jobs)
-        finally:
-            await client.close()
+    def ask_all(url: str) -> list:
+        chats = [
+            with_image_urls(msgs, make_images(), image_server if i % 2 else None)
+            for i, (msgs, _) in enumerate(CHATS)
+        ]
+        return greedy_chats(url, chats, MAX_NEW)
 
     with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:
-        first = asyncio.run(ask_all(srv["url"]))
-        again = asyncio.run(ask_all(srv["url"]))  # encoder cache, prefixes cut mid-image
+        first = ask_all(srv["url"])
+        again = ask_all(srv["url"])  # encoder cache, prefixes cut mid-image
         hits = wait_for(
             lambda: metrics(srv["url"]).get("vlmserve:prefix_cache_hits_total", 0),
             10,

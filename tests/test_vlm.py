@@ -21,7 +21,7 @@ import openai
 import pytest
 from PIL import Image
 from server_fixtures import file_server, free_port
-from vlm_reference import VLMReference, data_url
+from vlm_reference import VLMReference, data_url, greedy_chats
 
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.config import Config, new_run_id
@@ -148,25 +148,13 @@ def test_vlm_matches_transformers(
         num_kv_blocks=256,
     )  # fmt: skip
 
-    async def ask_all(url: str) -> list:
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        try:
-            jobs = [
-                client.chat.completions.create(
-                    model="ckpt",
-                    messages=with_urls(msgs, i % 2 == 1, image_server),
-                    max_tokens=MAX_NEW,
-                    temperature=0,
-                )  # fmt: skip
-                for i, (msgs, _) in enumerate(cases)
-            ]
-            return await asyncio.gather(*jobs)
-        finally:
-            await client.close()
+    def ask_all(url: str) -> list:
+        chats = [with_urls(msgs, i % 2 == 1, image_server) for i, (msgs, _) in enumerate(cases)]
+        return greedy_chats(url, chats, MAX_NEW)
 
     with server(config, os.path.join(str(root), "server.log")) as srv:
-        first = asyncio.run(ask_all(srv["url"]))
-        again = asyncio.run(ask_all(srv["url"]))  # same images: from the encoder cache
+        first = ask_all(srv["url"])
+        again = ask_all(srv["url"])  # same images: from the encoder cache
     for i, (reply, (prompt_len, tokens)) in enumerate(zip(first, expected, strict=True)):
         label = f"{arch} request {i} ({len(cases[i][1])} images)"
         assert reply.usage.prompt_tokens == prompt_len, f"{label}: prompt tokens"

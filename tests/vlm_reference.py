@@ -11,6 +11,7 @@ transformers' PixtralProcessor (`pixtral_processor`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -20,6 +21,7 @@ import types
 from unittest import mock
 
 import numpy as np
+import openai
 import torch
 import transformers
 from PIL import Image
@@ -194,3 +196,23 @@ class VLMReference:
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def greedy_chats(url: str, conversations: list[list[dict]], max_tokens: int) -> list:
+    """The server's greedy answers (openai ChatCompletion objects) to every conversation,
+    all sent at once so they share the engine's batches."""
+
+    async def ask_all() -> list:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        try:
+            jobs = [
+                client.chat.completions.create(
+                    model="ckpt", messages=messages, max_tokens=max_tokens, temperature=0
+                )
+                for messages in conversations
+            ]
+            return await asyncio.gather(*jobs)
+        finally:
+            await client.close()
+
+    return asyncio.run(ask_all())
