@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from vlmserve.workers.demo_vlm import build_vision_checkpoint
@@ -55,3 +58,40 @@ def test_loading_in_another_dtype_changes_no_global_state(tmp_path) -> None:
     for name, param in half.named_parameters():
         assert param.dtype == torch.bfloat16, name
         torch.testing.assert_close(param, full_params[name].to(torch.bfloat16), msg=name)
+
+
+REAL = os.path.join(os.path.dirname(__file__), "data", "realconfigs")
+
+
+def test_start_up_knows_the_decoders_the_workers_build() -> None:
+    """The torch-free list start-up checks is the workers' own."""
+    from vlmserve.shared.models.spec import LLAMA_FAMILY_DECODERS
+    from vlmserve.workers.models.llama import _TEXT_DECODERS
+
+    assert sorted(LLAMA_FAMILY_DECODERS) == sorted(_TEXT_DECODERS)
+
+
+@pytest.mark.parametrize(
+    ("folder", "model_type"),
+    [
+        ("llava-hf__llava-1.5-7b-hf", "gemma"),  # a LLaVA with a Gemma decoder
+        ("llava-hf__llava-1.5-7b-hf", "phi3"),
+        ("transformers__InternVLConfig-defaults", "qwen3_moe"),  # InternVL3.5's MoE decoder
+    ],
+)
+def test_unserved_text_decoder_is_refused_at_start_in_one_line(folder, model_type, tmp_path):  # noqa: ANN001
+    """A multimodal checkpoint whose decoder (text_config.model_type) we do not build is
+    refused by `serve api_server` before any process starts, in one line naming the type and
+    the supported ones; it used to start and die in the worker with a traceback."""
+    model_dir = _with_text_field(
+        os.path.join(REAL, folder), str(tmp_path / "ckpt"), model_type=model_type
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "vlmserve", "serve", "api_server", model_dir],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"unsupported text decoder {model_type!r}" in lines[0], lines[0]
+    assert "supported: llama, mistral, qwen2, qwen3" in lines[0], lines[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from vlmserve.shared.models import (
+    gemma3,
     idefics3,
     internvl,
     llama,
@@ -42,6 +43,7 @@ SPECS: list[ModelSpec] = [
     *internvl.SPECS,
     *idefics3.SPECS,
     *mistral3.SPECS,
+    *gemma3.SPECS,
 ]
 _BY_ARCHITECTURE = {name: spec for spec in SPECS for name in spec.architectures}
 
@@ -73,6 +75,7 @@ def checkpoint_spec(model_dir: str) -> ModelSpec:
     if not config:
         raise FileNotFoundError(f"no config.json in {model_dir!r}")
     spec = spec_for((config.get("architectures") or ["unknown"])[0])
+    spec.check_config(config)
     quantization = config.get("quantization_config")
     if quantization:  # its weights are packed integers our layers cannot load
         method = quantization.get("quant_method", "unknown")

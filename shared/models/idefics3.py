@@ -20,7 +20,13 @@ import os
 from typing import Any
 
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
-from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage, read_json
+from vlmserve.shared.models.spec import (
+    LLAMA_FAMILY_DECODERS,
+    ImageProcessor,
+    ModelSpec,
+    PlacedImage,
+    read_json,
+)
 
 FRAME_ARRAYS = ("pixel_values", "pixel_attention_mask")  # per frame: [frames, ...]
 
@@ -83,6 +89,7 @@ class Idefics3Images:
 class Idefics3Spec(ModelSpec):
     family = "idefics3"
     architectures = ("Idefics3ForConditionalGeneration",)
+    text_decoders = LLAMA_FAMILY_DECODERS
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
         return Idefics3Images(model_dir, self.hf_config(model_dir))

@@ -15,7 +15,13 @@ import os
 from typing import Any
 
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
-from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage, read_json
+from vlmserve.shared.models.spec import (
+    LLAMA_FAMILY_DECODERS,
+    ImageProcessor,
+    ModelSpec,
+    PlacedImage,
+    read_json,
+)
 
 
 class InternVLImages:
@@ -68,6 +74,7 @@ class InternVLImages:
 class InternVLSpec(ModelSpec):
     family = "internvl"
     architectures = ("InternVLForConditionalGeneration",)
+    text_decoders = LLAMA_FAMILY_DECODERS
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
         return InternVLImages(model_dir, self.hf_config(model_dir))

@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from vlmserve.shared.models.processing import needs_special_tokens, placeholder_runs
-from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage
+from vlmserve.shared.models.spec import (
+    LLAMA_FAMILY_DECODERS,
+    ImageProcessor,
+    ModelSpec,
+    PlacedImage,
+)
 
 
 class LlavaImages:
@@ -57,6 +62,7 @@ def next_arrays(out: Any, i: int, pinpoints: list, vision_config: Any) -> dict:
 class LlavaSpec(ModelSpec):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    text_decoders = LLAMA_FAMILY_DECODERS
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
         return LlavaImages(model_dir, self.hf_config(model_dir))

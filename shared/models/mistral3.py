@@ -26,7 +26,13 @@ import struct
 from typing import Any
 
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
-from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage, read_json
+from vlmserve.shared.models.spec import (
+    LLAMA_FAMILY_DECODERS,
+    ImageProcessor,
+    ModelSpec,
+    PlacedImage,
+    read_json,
+)
 
 
 class Mistral3Images:
@@ -113,6 +119,7 @@ def tensor_names(model_dir: str) -> set[str]:
 class Mistral3Spec(ModelSpec):
     family = "mistral3"
     architectures = ("Mistral3ForConditionalGeneration",)
+    text_decoders = LLAMA_FAMILY_DECODERS
 
     def hf_config(self, model_dir: str) -> Any:
         """Mistral Small 3.1's config.json does not say `tie_word_embeddings`, so transformers

@@ -45,6 +45,13 @@ class ImageProcessor(Protocol):
         ...
 
 
+# The text decoders of the shared Llama-family decoder (`decoder_for` in
+# vlmserve.workers.models.llama), by text_config.model_type: kept here, torch-free, so that start-up
+# refuses a checkpoint whose decoder is not among them (tests/test_model_specs.py keeps the two in
+# step).
+LLAMA_FAMILY_DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}
@@ -64,6 +71,22 @@ class ModelSpec:
 
     family: str = ""  # the compute side's key in vlmserve.workers.models.registry
     architectures: tuple[str, ...] = ()
+    # The text_config model types the family's compute side builds; empty: not checked (the
+    # family has a decoder of its own, or a flat config).
+    text_decoders: tuple[str, ...] = ()
+
+    def check_config(self, raw: dict) -> None:
+        """Refuse, at start-up and in one line, a config.json whose text decoder this family
+        does not build (a LLaVA with a Gemma or Phi-3 decoder). A text_config without a
+        model_type gets its family's default decoder from transformers, which is served."""
+        text = raw.get("text_config")
+        model_type = text.get("model_type") if isinstance(text, dict) else None
+        if self.text_decoders and model_type and model_type not in self.text_decoders:
+            architecture = (raw.get("architectures") or ["unknown"])[0]
+            raise ValueError(
+                f"unsupported text decoder {model_type!r} (text_config.model_type) in a "
+                f"{architecture}; supported: {', '.join(self.text_decoders)}"
+            )
 
     def raw_config(self, model_dir: str) -> dict:
         config = read_json(os.path.join(model_dir, "config.json"))
