@@ -224,3 +224,184 @@ def test_registry_names_every_backend_and_refuses_unknown_names() -> None:
     ):
         attention_backend("flash")
     assert attention_backend(Config().attention_backend) is SdpaBackend, "the default"
+
+
+# Sliding windows and bidirectional spans. Per sequence: (cached, computed, spans), the spans
+# (start, end exclusive) never cut by the cached prefix, as the runner guarantees for images.
+SPAN_SEQS = [
+    (40, 1, [(10, 20)]),  # decodes: spans in their history only
+    (17, 1, [(3, 9), (11, 16)]),
+    (5, 1, []),
+    (0, 23, [(3, 9)]),  # fresh prompts: one span, two spans, a span of one token
+    (0, 30, [(0, 7), (12, 26)]),
+    (0, 5, [(4, 5)]),
+    (9, 6, [(2, 5), (10, 14)]),  # a span in the cached prefix, one in the chunk
+    (32, 17, [(33, 38), (40, 49)]),  # two spans after a cached prefix, one at its end
+    (4, 16, [(5, 12), (13, 19)]),
+    (20, 12, []),  # no spans beside sequences that have them
+]
+
+
+def allowed_keys(ctx: int, q_len: int, window: int | None, spans: list) -> torch.Tensor:
+    """[q_len, ctx] bool from first principles, for the last q_len positions of a context:
+    not in the future or in the query's own span, and (in a sliding layer) fewer than
+    `window` positions back, as transformers' masking_utils composes Gemma 3's masks."""
+    group = torch.full((ctx,), -1)
+    for number, (start, end) in enumerate(spans):
+        group[start:end] = number
+    query = torch.arange(ctx - q_len, ctx)[:, None]
+    key = torch.arange(ctx)[None, :]
+    same_span = (group[query] == group[key]) & (group[query] >= 0)
+    near = torch.ones_like(same_span) if window is None else query - key < window
+    return ((key <= query) | same_span) & near
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Dense softmax attention; q: [q_len, heads, dim], k, v: [ctx, kv_heads, dim]."""
+    ratio = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(ratio, dim=1), v.repeat_interleave(ratio, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def run_layers(
+    backend: AttentionBackend,
+    layers: list[PagedAttention],
+    seqs: list[tuple[int, int, list]],
+    tables: list[list[int]],
+    qkv: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+) -> list[list[torch.Tensor]]:
+    """One step through every layer (qkv[layer][seq]); outputs per layer, per sequence."""
+    metadata = build_metadata(
+        [s for s, _, _ in seqs],
+        [n for _, n, _ in seqs],
+        tables,
+        backend.pool.block_size,
+        CPU,
+        bidirectional=[spans for _, _, spans in seqs],
+    )
+    outs = []
+    with step_context(metadata, backend):
+        for layer, layer_qkv in zip(layers, qkv, strict=True):
+            rows = [[t[s : s + n] for t in x] for x, (s, n, _) in zip(layer_qkv, seqs, strict=True)]
+            q, k, v = (torch.cat(part) for part in zip(*rows, strict=True))
+            outs.append(list(layer(q, k, v).split([n for _, n, _ in seqs])))
+    return outs
+
+
+def check_windows_and_spans(
+    name: str,
+    seqs: list[tuple[int, int, list]],
+    windows: list[int | None],
+    num_kv_heads: int,
+    gqa: int,
+    block_size: int,
+    head_dim: int = 16,
+) -> None:
+    """Layers with the given windows, one step caching every prefix then the mixed step;
+    every layer's output of every sequence equals dense attention under the rule."""
+    torch.manual_seed(0)
+    num_heads, scale = num_kv_heads * gqa, head_dim**-0.5
+    lengths = [start + n for start, n, _ in seqs]
+    num_blocks = sum(-(-n // block_size) for n in lengths) + 3
+    pool = KVPool(len(windows), num_kv_heads, head_dim, num_blocks, block_size, torch.float32, CPU)
+    backend = attention_backend(name)(pool)
+    layers = [
+        PagedAttention(num_heads, num_kv_heads, head_dim, scale, i, sliding_window=window)
+        for i, window in enumerate(windows)
+    ]
+    tables = scattered_block_tables(lengths, block_size, num_blocks)
+    qkv = [
+        [
+            tuple(torch.randn(n, h, head_dim) for h in (num_heads, num_kv_heads, num_kv_heads))
+            for n in lengths
+        ]
+        for _ in windows
+    ]
+    cached = [i for i, (start, _, _) in enumerate(seqs) if start > 0]
+    cached.sort(key=lambda i: seqs[i][0] != 1)  # decodes first
+    prefix = [(0, seqs[i][0], [s for s in seqs[i][2] if s[1] <= seqs[i][0]]) for i in cached]
+    steps = [
+        (prefix, cached, run_layers(backend, layers, prefix, [tables[i] for i in cached],
+                                    [[x[i] for i in cached] for x in qkv])),
+        (seqs, range(len(seqs)), run_layers(backend, layers, seqs, tables, qkv)),
+    ]  # fmt: skip
+    for step, (step_seqs, members, outs) in enumerate(steps):
+        for layer, window, layer_out in zip(layers, windows, outs, strict=True):
+            for i, (start, n, spans), out in zip(members, step_seqs, layer_out, strict=True):
+                q, k, v = (t[: start + n] for t in qkv[layer.layer_idx][i])
+                allowed = allowed_keys(start + n, n, window, spans)
+                torch.testing.assert_close(
+                    out,
+                    masked_attention(q[start:], k, v, scale, allowed),
+                    msg=lambda m, s=(step, window, start, n, spans): (
+                        f"step, window, start, n, spans {s}: {m}"
+                    ),
+                )
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize(("num_kv_heads", "gqa"), [(1, 1), (2, 4), (1, 3)])
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_sliding_windows_equal_dense_attention(
+    name: str, num_kv_heads: int, gqa: int, block_size: int
+) -> None:
+    """Windows of 1 (itself only), shorter than a block, not a multiple of blocks, and longer
+    than every context, side by side with full layers in the same steps, over the mixed
+    batch of the test above (decodes in several groups, chunks after cached prefixes)."""
+    seqs = [(start, n, []) for start, n in SEQS]
+    windows = [1, 3, None, 17, 8, 1000]
+    check_windows_and_spans(name, seqs, windows, num_kv_heads, gqa, block_size)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize(("num_kv_heads", "gqa"), [(1, 1), (2, 4)])
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_bidirectional_spans_equal_dense_attention(
+    name: str, num_kv_heads: int, gqa: int, block_size: int
+) -> None:
+    """One and two spans per sequence, after cached prefixes and in them, in full layers and
+    under windows both longer and shorter than the spans."""
+    windows = [None, 4, 11, 64]
+    check_windows_and_spans(name, SPAN_SEQS, windows, num_kv_heads, gqa, block_size)
+
+
+def test_window_plans_skip_what_they_can() -> None:
+    """The sdpa plans: a fresh prompt within the window and without spans keeps the unmasked
+    causal kernel; a longer one or one with a span gets a mask; a chunk and decodes under a
+    window read only the blocks that hold keys inside it."""
+    tables = [list(range(i * 30, i * 30 + 30)) for i in range(4)]
+    # A decode at position 99, a chunk of 10 after 70 cached, fresh prompts of 23 and 12.
+    meta = build_metadata([99, 70, 0, 0], [1, 10, 23, 12], tables, 4, CPU)
+    assert [p.mask is None for p in sdpa_backend.prefills(meta, None)] == [False, True, True]
+    assert [p.mask is None for p in sdpa_backend.prefills(meta, 23)] == [False, True, True]
+    assert [p.mask is None for p in sdpa_backend.prefills(meta, 16)] == [False, False, True]
+    chunk = sdpa_backend.prefills(meta, 16)[0]
+    # Its first query (70) sees keys from 55 on: blocks 13..19 of its table, 28 keys.
+    assert chunk.blocks.tolist() == list(range(30 + 13, 30 + 20))
+    assert chunk.mask.shape == (10, 28)
+    (group,) = torch_backend.decode_groups(meta, window=16)
+    # Context 100, window 16: keys 84..99, blocks 21..24 of the table (16 keys, none masked).
+    assert group.blocks.tolist() == [21, 22, 23, 24]
+    assert not group.padding.any()
+    (group,) = torch_backend.decode_groups(meta, window=15)  # keys 85..99: one masked
+    assert group.padding.sum() == 1 and group.padding[0, 0, 0]
+    spans = build_metadata([0, 0], [23, 12], tables[:2], 4, CPU, bidirectional=[[], [(2, 5)]])
+    assert [p.mask is None for p in sdpa_backend.prefills(spans, None)] == [True, False]
+
+
+def test_metadata_bidirectional_spans() -> None:
+    tables = [[0, 1], [2]]
+    assert build_metadata([0, 0], [5, 3], tables, 4, CPU).bidirectional is None
+    assert build_metadata([0, 0], [5, 3], tables, 4, CPU, [[], None]).bidirectional is None
+    meta = build_metadata([0, 0], [5, 3], tables, 4, CPU, [[(1, 4)], None])
+    assert meta.bidirectional == (((1, 4),), ())
+    with pytest.raises(ValueError, match="0 <= start < end"):
+        build_metadata([0, 0], [5, 3], tables, 4, CPU, [[(3, 3)], None])
+    with pytest.raises(ValueError, match="1 entries for 2 sequences"):
+        build_metadata([0, 0], [5, 3], tables, 4, CPU, [[(1, 4)]])
+    with pytest.raises(ValueError, match="sliding_window must be at least 1"):
+        PagedAttention(2, 1, 8, 1.0, 0, sliding_window=0)

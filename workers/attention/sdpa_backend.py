@@ -8,11 +8,16 @@ bottom-right causal mask, and decodes attend in groups of similar length with th
 that share a KV head folded into one matmul, over only the blocks their tables use.
 One call per prefill rather than one padded call for all: padding computes the longest
 prompt's square for every prompt and needs a mask, which turns off that block skipping.
+
+A sliding window (per layer) or a bidirectional span (per sequence) is a mask of the one rule
+(`metadata.attends`), planned once per distinct window for all layers that share it. A fresh
+prompt no longer than the window, without spans, keeps the unmasked causal call; a chunk and
+a decode read only the blocks from the one holding their oldest key in the window on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +25,8 @@ import torch.nn.functional as F
 
 from vlmserve.workers.attention import torch_backend
 from vlmserve.workers.attention.backend import AttentionBackend
-from vlmserve.workers.attention.metadata import AttentionMetadata
+from vlmserve.workers.attention.metadata import AttentionMetadata, attends
+from vlmserve.workers.attention.torch_backend import spans_in, window_in
 
 if TYPE_CHECKING:
     from vlmserve.workers.kv_pool import KVPool
@@ -35,8 +41,10 @@ class Prefill:
 
     start: int
     length: int
-    blocks: torch.Tensor | None  # [context blocks] the block table in use
-    mask: torch.Tensor | None  # [length, context blocks * block size] True where it attends
+    blocks: torch.Tensor | None  # [blocks read] the part of the block table in use
+    # [length, keys] True where it attends (keys: the blocks read, or the new ones); None:
+    # plain causal over the new keys
+    mask: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -45,14 +53,26 @@ class Decodes:
 
     rows: torch.Tensor  # [decodes] rows of the batch
     blocks: torch.Tensor  # [decodes * most blocks] their block tables, padded, flattened
-    bias: torch.Tensor  # [kv_heads * decodes, 1, most blocks * block size] -inf past context
+    # [kv_heads * decodes, 1, most blocks * block size] -inf past the context or the window
+    bias: torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass
 class SdpaStep:
-    slot_mapping: torch.Tensor  # [tokens]
-    prefills: list[Prefill]
-    decodes: list[Decodes]
+    metadata: AttentionMetadata
+    kv_heads: int
+    dtype: torch.dtype
+    # Per sliding window (None: the whole context), what every layer with it shares.
+    plans: dict[int | None, tuple[list[Prefill], list[Decodes]]] = field(default_factory=dict)
+
+    def plan(self, window: int | None) -> tuple[list[Prefill], list[Decodes]]:
+        window = window_in(self.metadata, window)
+        if window not in self.plans:
+            self.plans[window] = (
+                prefills(self.metadata, window),
+                decode_groups(self.metadata, DECODE_GROUP, self.kv_heads, self.dtype, window),
+            )
+        return self.plans[window]
 
 
 class SdpaBackend(AttentionBackend):
@@ -61,13 +81,14 @@ class SdpaBackend(AttentionBackend):
     def __init__(self, pool: KVPool) -> None:
         super().__init__(pool)
         self._step: SdpaStep | None = None
+        self._windows: set[int | None] = set()  # the layers' windows met so far
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        self._step = SdpaStep(
-            metadata.slot_mapping,
-            prefills(metadata),
-            decode_groups(metadata, DECODE_GROUP, self.pool.num_kv_heads, self.pool.cache.dtype),
-        )
+        # Plans once per distinct window, for all the layers that share it; a window not
+        # met before (the first step) is planned when its first layer runs.
+        self._step = SdpaStep(metadata, self.pool.num_kv_heads, self.pool.cache.dtype)
+        for window in self._windows:
+            self._step.plan(window)
 
     def forward(
         self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -75,16 +96,18 @@ class SdpaBackend(AttentionBackend):
         step = self._step
         if step is None:
             raise RuntimeError("the sdpa backend runs only after prepare()")
-        self.pool.store(layer.layer_idx, step.slot_mapping, k, v)
+        self._windows.add(layer.sliding_window)
+        prefill_plans, decode_plans = step.plan(layer.sliding_window)
+        self.pool.store(layer.layer_idx, step.metadata.slot_mapping, k, v)
         # [2 * kv_heads, num_blocks, block_size * head_dim]: keys then values, one gather.
         kv_blocks = self.pool.cache[layer.layer_idx].view(
             2 * layer.num_kv_heads, self.pool.num_blocks, -1
         )
         out = torch.empty_like(q)
-        for p in step.prefills:
+        for p in prefill_plans:
             rows = slice(p.start, p.start + p.length)
             out[rows] = self._prefill(layer, kv_blocks, q[rows], k[rows], v[rows], p)
-        for group in step.decodes:
+        for group in decode_plans:
             out[group.rows] = self._decode(layer, kv_blocks, q[group.rows], group)
         return out
 
@@ -109,7 +132,7 @@ class SdpaBackend(AttentionBackend):
             k,
             v,
             attn_mask=p.mask,
-            is_causal=p.blocks is None,
+            is_causal=p.mask is None,
             scale=layer.scale,
             enable_gqa=True,
         )
@@ -136,33 +159,44 @@ class SdpaBackend(AttentionBackend):
         return out.view(kv_heads, decodes, -1, dim).transpose(0, 1).reshape(decodes, -1, dim)
 
 
-def prefills(meta: AttentionMetadata) -> list[Prefill]:
+def prefills(meta: AttentionMetadata, window: int | None = None) -> list[Prefill]:
     """The sequences after the decodes; a chunk after cached tokens gets its blocks and
-    its causal mask aligned to the bottom right (query i sees keys up to cached + i)."""
+    its causal mask aligned to the bottom right (query i sees keys up to cached + i).
+    Under a window a chunk reads from the block of its first query's oldest key on."""
     starts = meta.query_start_loc_cpu.tolist()
     lengths = meta.seq_lens_cpu.tolist()
-    device = meta.block_tables.device
+    device, block = meta.block_tables.device, meta.block_size
     out = []
     for i in range(meta.num_decodes, meta.num_seqs):
         start, length, context = starts[i], starts[i + 1] - starts[i], lengths[i]
-        if context == length:
-            out.append(Prefill(start, length, None, None))
-            continue
-        num_blocks = -(-context // meta.block_size)
-        keys = torch.arange(num_blocks * meta.block_size, device=device)
+        spans = spans_in(meta, i, context - length, context)
         queries = torch.arange(context - length, context, device=device)
-        mask = keys[None, :] <= queries[:, None]  # past the context: above every query
-        out.append(Prefill(start, length, meta.block_tables[i, :num_blocks].long(), mask))
+        if context == length:  # the new keys are the whole context
+            if spans or (window is not None and context > window):
+                out.append(Prefill(start, length, None, attends(queries, queries, window, spans)))
+            else:  # the kernel's own causal mask, with block skipping
+                out.append(Prefill(start, length, None, None))
+            continue
+        first = max(0, context - length - window + 1) // block if window is not None else 0
+        num_blocks = -(-context // block)
+        keys = torch.arange(first * block, num_blocks * block, device=device)
+        mask = attends(queries, keys, window, spans)  # past the context: above every query
+        out.append(Prefill(start, length, meta.block_tables[i, first:num_blocks].long(), mask))
     return out
 
 
 def decode_groups(
-    meta: AttentionMetadata, size: int, kv_heads: int, dtype: torch.dtype
+    meta: AttentionMetadata,
+    size: int,
+    kv_heads: int,
+    dtype: torch.dtype,
+    window: int | None = None,
 ) -> list[Decodes]:
     """The reference's groups (sorted by context length, each padded only to its own
-    longest), with the padding as a bias laid out head-major like the score matmul."""
+    longest, under a window only the blocks inside it), with the padding as a bias laid out
+    head-major like the score matmul."""
     groups = []
-    for group in torch_backend.decode_groups(meta, size):
+    for group in torch_backend.decode_groups(meta, size, window):
         past = group.padding[:, 0]  # [decodes, keys]
         bias = torch.zeros(past.shape, dtype=dtype, device=past.device)
         bias.masked_fill_(past, -torch.inf)

@@ -1,17 +1,20 @@
 """The reference backend in plain torch (and the CPU path): SDPA for prefills, grouped
 matmuls for decodes, over gathered cache blocks. Every other backend is tested against it.
+
+Sliding windows and bidirectional spans are masks of the one rule (`metadata.attends`); a
+prefill over cached keys or under a window or span gets its mask in full, the plain way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from vlmserve.workers.attention.backend import AttentionBackend
-from vlmserve.workers.attention.metadata import AttentionMetadata
+from vlmserve.workers.attention.metadata import AttentionMetadata, Spans, attends
 
 if TYPE_CHECKING:
     from vlmserve.workers.kv_pool import KVPool
@@ -28,6 +31,7 @@ class PrefillSpan:
     q_len: int
     ctx_len: int
     ctx_slots: torch.Tensor | None  # [ctx_len] cache slots; None when nothing was cached
+    mask: torch.Tensor | None  # [q_len, ctx_len] True where it attends; None: plain causal
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,32 @@ class DecodeGroup:
     """Sequences of similar context length that decode one token each, attended together."""
 
     token_idx: torch.Tensor  # [decodes] rows of the batch
-    blocks: torch.Tensor  # [decodes * most blocks] their block tables, padded, flattened
-    padding: torch.Tensor  # [decodes, 1, most blocks * block size] True past the context
+    blocks: torch.Tensor  # [decodes * most blocks] the blocks they read, padded, flattened
+    # [decodes, 1, most blocks * block size] True past the context or before the window
+    padding: torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass
 class TorchStep:
-    slot_mapping: torch.Tensor  # [tokens]
-    prefills: list[PrefillSpan]
-    decodes: list[DecodeGroup]
+    metadata: AttentionMetadata
+    # Per sliding window (None: the whole context), what every layer with it shares.
+    plans: dict[int | None, tuple[list[PrefillSpan], list[DecodeGroup]]] = field(
+        default_factory=dict
+    )
+
+    def plan(self, window: int | None) -> tuple[list[PrefillSpan], list[DecodeGroup]]:
+        window = window_in(self.metadata, window)
+        if window not in self.plans:
+            self.plans[window] = (
+                prefill_spans(self.metadata, window),
+                decode_groups(self.metadata, DECODE_GROUP, window),
+            )
+        return self.plans[window]
+
+
+def window_in(meta: AttentionMetadata, window: int | None) -> int | None:
+    """The window as it acts in this step: None when no sequence is longer than it."""
+    return window if window is not None and meta.max_seq_len > window else None
 
 
 class TorchBackend(AttentionBackend):
@@ -52,11 +73,14 @@ class TorchBackend(AttentionBackend):
     def __init__(self, pool: KVPool) -> None:
         super().__init__(pool)
         self._step: TorchStep | None = None  # this step's structures, from prepare()
+        self._windows: set[int | None] = set()  # the layers' windows met so far
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        self._step = TorchStep(
-            metadata.slot_mapping, prefill_spans(metadata), decode_groups(metadata)
-        )
+        # Plans once per distinct window, for all the layers that share it; a window not
+        # met before (the first step) is planned when its first layer runs.
+        self._step = TorchStep(metadata)
+        for window in self._windows:
+            self._step.plan(window)
 
     def forward(
         self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -64,12 +88,14 @@ class TorchBackend(AttentionBackend):
         step = self._step
         if step is None:
             raise RuntimeError("the torch backend runs only after prepare()")
-        self.pool.store(layer.layer_idx, step.slot_mapping, k, v)
+        self._windows.add(layer.sliding_window)
+        prefills, decodes = step.plan(layer.sliding_window)
+        self.pool.store(layer.layer_idx, step.metadata.slot_mapping, k, v)
         out = torch.empty_like(q)
-        for span in step.prefills:
+        for span in prefills:
             rows = slice(span.q_start, span.q_start + span.q_len)
             out[rows] = self._prefill(layer, q[rows], k[rows], v[rows], span)
-        for group in step.decodes:
+        for group in decodes:
             out[group.token_idx] = self._decode(layer, q[group.token_idx], group)
         return out
 
@@ -81,22 +107,18 @@ class TorchBackend(AttentionBackend):
         v: torch.Tensor,
         span: PrefillSpan,
     ) -> torch.Tensor:
-        if span.ctx_slots is None:  # nothing cached before: plain causal attention
+        if span.ctx_slots is None:  # nothing cached before: the new keys are the context
             k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, q_len, dim]
-            mask, causal = None, True
         else:
             k_cache, v_cache = self.pool.kv(layer.layer_idx)
             k = k_cache.index_select(1, span.ctx_slots)  # [kv_heads, ctx_len, dim]
             v = v_cache.index_select(1, span.ctx_slots)
-            query_pos = torch.arange(span.ctx_len - span.q_len, span.ctx_len, device=q.device)
-            mask = torch.arange(span.ctx_len, device=q.device)[None, :] <= query_pos[:, None]
-            causal = False
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # [heads, q_len, dim]
             k,
             v,
-            attn_mask=mask,
-            is_causal=causal,
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
             scale=layer.scale,
             enable_gqa=True,
         )
@@ -124,42 +146,68 @@ class TorchBackend(AttentionBackend):
         return out.transpose(0, 1).reshape(decodes, layer.num_heads, dim)
 
 
-def prefill_spans(meta: AttentionMetadata) -> list[PrefillSpan]:
+def spans_in(meta: AttentionMetadata, seq: int, first: int, end: int) -> Spans:
+    """Sequence `seq`'s bidirectional spans that hold a query of positions [first, end)."""
+    if meta.bidirectional is None:
+        return ()
+    return tuple((s, e) for s, e in meta.bidirectional[seq] if s < end and e > first)
+
+
+def prefill_spans(meta: AttentionMetadata, window: int | None = None) -> list[PrefillSpan]:
     """The sequences after the decodes, each attended on its own; a chunk after cached
-    tokens attends to them too, so it gets all its context's slots."""
+    tokens attends to them too, so it gets all its context's slots. Only a fresh prompt
+    that neither a window nor a span reaches goes without a mask."""
     starts = meta.query_start_loc_cpu.tolist()
     lengths = meta.seq_lens_cpu.tolist()
-    offsets = torch.arange(meta.block_size, device=meta.block_tables.device)
+    device = meta.block_tables.device
+    offsets = torch.arange(meta.block_size, device=device)
     spans = []
     for i in range(meta.num_decodes, meta.num_seqs):
         q_start, q_len, ctx_len = starts[i], starts[i + 1] - starts[i], lengths[i]
-        slots = None
+        bidirectional = spans_in(meta, i, ctx_len - q_len, ctx_len)
+        slots = mask = None
         if ctx_len > q_len:
             table = meta.block_tables[i, : -(-ctx_len // meta.block_size)].long()
             slots = (table[:, None] * meta.block_size + offsets).flatten()[:ctx_len]
-        spans.append(PrefillSpan(q_start, q_len, ctx_len, slots))
+        if slots is not None or bidirectional or (window is not None and ctx_len > window):
+            queries = torch.arange(ctx_len - q_len, ctx_len, device=device)
+            mask = attends(queries, torch.arange(ctx_len, device=device), window, bidirectional)
+        spans.append(PrefillSpan(q_start, q_len, ctx_len, slots, mask))
     return spans
 
 
-def decode_groups(meta: AttentionMetadata, size: int = DECODE_GROUP) -> list[DecodeGroup]:
+def decode_groups(
+    meta: AttentionMetadata, size: int = DECODE_GROUP, window: int | None = None
+) -> list[DecodeGroup]:
     """Decodes sorted by context length, `size` at a time: padding each group to its longest
-    context gathers far fewer padded keys than padding the whole batch to the longest."""
+    context gathers far fewer padded keys than padding the whole batch to the longest.
+
+    Under a window a decode reads only the blocks from the one holding its oldest key in
+    the window (position seq_len - window) on, and masks the keys before that position.
+    """
     if meta.num_decodes == 0:
         return []
-    device = meta.block_tables.device
+    device, block = meta.block_tables.device, meta.block_size
     lengths = meta.seq_lens_cpu[: meta.num_decodes]
+    oldest = (lengths - window).clamp(min=0) if window is not None else torch.zeros_like(lengths)
+    first_block = oldest // block
+    need = (lengths + block - 1) // block - first_block  # blocks each decode reads
     order = torch.argsort(lengths, stable=True)
-    sorted_lengths = lengths[order].tolist()
     order_dev = order.to(device)
-    positions = torch.arange(
-        -(-meta.max_seq_len // meta.block_size) * meta.block_size, device=device
-    )
+    first_dev, oldest_dev = first_block.to(device).long(), oldest.to(device)
+    width = meta.block_tables.shape[1]
+    offsets = torch.arange(-(-meta.max_seq_len // block), device=device)
+    keys = torch.arange(-(-meta.max_seq_len // block) * block, device=device)
     groups = []
-    for first in range(0, meta.num_decodes, size):
-        members = order_dev[first : first + size]  # decode rows are sequence indices
-        longest = sorted_lengths[min(first + size, meta.num_decodes) - 1]
-        num_blocks = -(-longest // meta.block_size)
-        blocks = meta.block_tables[members, :num_blocks].flatten().long()
-        padding = positions[: num_blocks * meta.block_size] >= meta.seq_lens[members, None]
-        groups.append(DecodeGroup(members, blocks, padding[:, None, :]))
+    for start in range(0, meta.num_decodes, size):
+        members = order[start : start + size]
+        num_blocks = int(need[members].max())
+        rows = order_dev[start : start + size]  # decode rows are sequence indices
+        columns = (first_dev[rows, None] + offsets[:num_blocks]).clamp(max=width - 1)
+        blocks = meta.block_tables[rows].gather(1, columns).flatten().long()
+        positions = first_dev[rows, None] * block + keys[: num_blocks * block]
+        padding = positions >= meta.seq_lens[rows, None]
+        if window is not None:
+            padding |= positions < oldest_dev[rows, None]
+        groups.append(DecodeGroup(rows, blocks, padding[:, None, :]))
     return groups
