@@ -1,6 +1,7 @@
 """Llama-family decoders (Llama, Mistral, Qwen2, Qwen3): GQA, RoPE, tied embeddings, TP layers.
 
-Qwen3 differs only by an RMSNorm over each query and key head before RoPE (`qk_norm`).
+Qwen3 differs only by an RMSNorm over each query and key head before RoPE (`qk_norm`);
+Mistral and Qwen2 (use_sliding_window) by a sliding window in some or all layers.
 """
 
 from __future__ import annotations
@@ -27,8 +28,30 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (None: the whole context), as transformers reads the config:
+    `layer_types` ("sliding_attention" / "full_attention" per layer) where the config has it
+    (Qwen2: the layers from max_window_layers on), else the window in every layer (Mistral);
+    none without a window or with use_sliding_window off."""
+    layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return [None] * layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types[:layers]]
+    return [window] * layers
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int, qk_norm: bool = False) -> None:
+    def __init__(
+        self,
+        config: Any,
+        qkv_bias: bool,
+        layer_idx: int,
+        qk_norm: bool = False,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
@@ -49,7 +72,7 @@ class LlamaAttention(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
         proj = self.qkv_proj
         self.attn = PagedAttention(
-            proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5, layer_idx
+            proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5, layer_idx, sliding_window
         )
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +101,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, layer_idx: int, qk_norm: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        qkv_bias: bool,
+        layer_idx: int,
+        qk_norm: bool,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, qkv_bias, layer_idx, qk_norm)
+        self.self_attn = LlamaAttention(config, qkv_bias, layer_idx, qk_norm, sliding_window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -97,7 +127,8 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, i, qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, i, qk_norm, window)
+            for i, window in enumerate(sliding_windows(config))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -155,7 +186,7 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral's decoder is Llama's; a sliding window longer than any request changes nothing."""
+    """Mistral's decoder is Llama's, with its sliding window (if set) in every layer."""
 
 
 # Decoders of multimodal checkpoints, by their text config's model_type.
