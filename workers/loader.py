@@ -75,6 +75,37 @@ def load_weights(
     return loaded
 
 
+def tie_as_checkpoint(config: object, files: list[str]) -> None:
+    """Tie the output layer to the embeddings as transformers does when it loads the checkpoint,
+    which is not always as config.json says (the top-level `tie_word_embeddings` decides for
+    every family, text and vision-language; a text_config's own one is not read).
+
+    - Tied in the config, but the checkpoint holds an lm_head of its own (Mistral Small 3.1,
+      whose config.json does not say it, so transformers 5 reads the default True): transformers
+      unties and uses that lm_head (when its values differ; when they are equal, either way gives
+      the same logits). Untied here too.
+    - Untied, and the checkpoint has no lm_head: transformers draws a random one and warns that
+      it is missing, so its answers are noise; refused here in one line rather than served.
+    """
+    names: set[str] = set()
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names |= set(f.keys())
+    has_head = any(name.endswith("lm_head.weight") for name in names)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and has_head:
+        config.tie_word_embeddings = False
+        text = getattr(config, "text_config", None)
+        if text is not None:
+            text.tie_word_embeddings = False
+    elif not tied and not has_head:
+        raise ValueError(
+            "the checkpoint has no lm_head weight and config.json says tie_word_embeddings "
+            "false: transformers would answer with a random output layer; set "
+            "tie_word_embeddings true if the embeddings are its output layer"
+        )
+
+
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = {n for n, p in params.items() if any(p is params[m] for m in loaded)}
@@ -115,6 +146,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.M
     """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
     spec = checkpoint_spec(model_dir)
     config = spec.hf_config(model_dir)
+    tie_as_checkpoint(config, safetensors_files(model_dir))
     with torch.device("meta"):  # shapes only: no memory, no global dtype to change
         model = build_model(spec, config)
     materialize(model, dtype, device)
