@@ -42,7 +42,7 @@ from vlmserve.shared.messages import (
     WorkerMsg,
     WorkerReady,
 )
-from vlmserve.shared.models import read_model_info
+from vlmserve.shared.models import checkpoint_spec, read_model_info
 from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 
@@ -252,6 +252,7 @@ class SchedulerService:
                 self.config.max_queued_tokens,
                 self.config.queue_timeout,
             ),
+            bidirectional_images=checkpoint_spec(self.config.model).bidirectional_images,
         )
         log.info("engine ready: %d KV blocks, session length %d", num_blocks, session_len)
         next_status = next_expiry = 0.0

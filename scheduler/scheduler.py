@@ -83,7 +83,10 @@ class Scheduler:
         eos_token_ids: list[int] | set[int] | tuple[int, ...],
         seed: int = 0,
         limits: QueueLimits | None = None,
+        bidirectional_images: bool = False,
     ) -> None:
+        """`bidirectional_images`: the model's image tokens attend to each other both ways
+        (Gemma 3), so no prefill chunk may end inside an image (see `_chunk`)."""
         if max_batched_tokens < max_batch_size:
             # Otherwise decodes past the budget would starve behind older ones every step.
             raise ValueError(
@@ -98,6 +101,7 @@ class Scheduler:
         self.max_kv_tokens = num_blocks * block_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.limits = limits or QueueLimits()  # no caps, no queue timeout
+        self.bidirectional_images = bidirectional_images
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; the last is the newest
         self._requests: dict[str, Request] = {}
@@ -224,11 +228,11 @@ class Scheduler:
         decodes = [r for r in self.running if r.remaining == 1]
         prefills = [r for r in self.running if r.remaining > 1]
         for req in decodes + prefills:
-            if budget == 0:
+            if budget <= 0:  # a chunk may run past the budget to the end of an image
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted for an earlier one
                 continue
-            n = min(req.remaining, budget)
+            n = self._chunk(req, req.num_computed, min(req.remaining, budget))
             while not self.block_manager.can_allocate(req.block_table, req.num_computed + n):
                 victim = self._newest_unscheduled(scheduled_ids, exclude=req) or req
                 self._preempt(victim)
@@ -294,7 +298,7 @@ class Scheduler:
             # Fully cached: recompute the last block so there is a token to sample from.
             cached = cached[:-1]
         num_cached = len(cached) * bm.block_size
-        n = min(req.num_tokens - num_cached, budget)
+        n = self._chunk(req, num_cached, min(req.num_tokens - num_cached, budget))
         if not bm.can_allocate([], num_cached + n, cached):
             return 0
         bm.allocate(req.block_table, num_cached + n, cached)
@@ -307,6 +311,19 @@ class Scheduler:
         self.prefix_cache_hits += num_cached
         req.seq_id = next(self._seq_ids)
         req.status = RequestStatus.RUNNING
+        return n
+
+    def _chunk(self, req: Request, start: int, n: int) -> int:
+        """The size of a chunk of `n` tokens from `start`, moved so that it does not end inside
+        an image whose tokens attend both ways: back to the image's start, or, when the chunk
+        starts at or inside the image, on to its end (past the step's budget if need be)."""
+        if not self.bidirectional_images:
+            return n
+        end = start + n
+        for image in req.images:
+            first, last = image.offset, image.offset + image.length
+            if first < end < last:
+                return first - start if first > start else last - start
         return n
 
     def _observe_queue_time(self, seconds: float) -> None:

@@ -1,7 +1,7 @@
 """The benchmark's own tools (bench/ceiling.py, bench/peers.py, bench/vllm_peer.py), without
 running a benchmark: the lean step computes real attention over its cache, the comparison's
 ratios are ours over theirs, and vLLM's server is refused a head size its CPU kernels lack
-before anything is installed."""
+before anything is installed. And one quick run of bench/family_bench.py on two families."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import ceiling  # noqa: E402
+import family_bench  # noqa: E402
 import peers  # noqa: E402
 import vllm_peer  # noqa: E402
+
+from vlmserve.workers import demo_checkpoint  # noqa: E402
 
 TINY = ceiling.Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
                      vocab=100)  # fmt: skip
@@ -83,3 +86,39 @@ def test_vllm_environment() -> None:
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert all(os.path.isfile(lib) for lib in env["LD_PRELOAD"].split(":") if lib)
+
+
+def test_vision_families_come_from_the_builder() -> None:
+    families = family_bench.vision_families()
+    assert {"llava", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "mistral3"} <= set(families)
+    assert not set(families) & set(demo_checkpoint.ARCHES), families
+
+
+FAMILY_FIGURES = (
+    "requests_per_s", "output_tok_s", "ttft_p50_ms", "ttft_p95_ms", "prompt_tokens_per_request",
+    "server_preprocess_ms_per_image", "alone_preprocess_ms_per_image",
+)  # fmt: skip
+
+
+def test_family_bench_quick_run_has_every_row(tmp_path) -> None:
+    """Two families, 1 and 3 images, encoder cache on and off: every row is there, every
+    request answered with exactly its tokens, every figure positive (no timing thresholds)."""
+    out = tmp_path / "families.json"
+    family_bench.main(["--quick", "--families", "llava,qwen2_vl", "--out", str(out)])
+    report = json.loads(out.read_text())
+    quick = family_bench.QUICK
+    rows = {(r["family"], r["images_per_request"], r["encoder_cache"]): r for r in report["rows"]}
+    expected = {(f, n, c) for f in ("llava", "qwen2_vl") for n in (1, 3) for c in ("on", "off")}
+    assert set(rows) == expected and len(report["rows"]) == len(expected)
+    for key, row in rows.items():
+        assert row["failed"] == 0 and row["completed"] == quick["num_requests"], (key, row)
+        assert row["output_tokens"] == quick["num_requests"] * quick["output_len"], (key, row)
+        for figure in FAMILY_FIGURES:
+            assert row[figure] > 0, (key, figure, row)
+    for family in ("llava", "qwen2_vl"):
+        # Three images take more prompt than one, and the cache changes no prompt.
+        one, three = rows[family, 1, "on"], rows[family, 3, "on"]
+        assert three["prompt_tokens_per_request"] > one["prompt_tokens_per_request"], family
+        for n in (1, 3):
+            on, off = rows[family, n, "on"], rows[family, n, "off"]
+            assert on["prompt_tokens_per_request"] == off["prompt_tokens_per_request"], family

@@ -6,7 +6,7 @@ needs torchvision for video, which has no build for this torch), and `mm_token_t
 without which transformers 5's Qwen2-VL `generate` silently builds the wrong positions;
 for InternVL its own InternVLProcessor, built without the video processor it cannot load here;
 for Idefics3 and SmolVLM transformers' Idefics3Processor (`idefics3_processor`); for Mistral 3
-transformers' PixtralProcessor (`pixtral_processor`).
+transformers' PixtralProcessor (`pixtral_processor`); for Gemma 3 its Gemma3Processor.
 """
 
 from __future__ import annotations
@@ -156,6 +156,16 @@ class VLMReference:
             )
             processor = idefics3_processor(self.model_dir)
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        if self.arch == "Gemma3ForConditionalGeneration":
+            # Gemma3Processor as it is (it returns the token_type_ids that open each image's
+            # mask both ways); Gemma's template writes the BOS, so none is added to it.
+            processor = transformers.AutoProcessor.from_pretrained(self.model_dir)
+            add = not text.startswith(processor.tokenizer.bos_token)
+            return dict(
+                processor(
+                    text=[text], images=images or None, return_tensors="pt", add_special_tokens=add
+                )
+            )
         if self.arch == "Mistral3ForConditionalGeneration":
             processor = pixtral_processor(self.model_dir)
             # The template writes the BOS itself, as Mistral's does: the processor must not add

@@ -6,7 +6,7 @@ rank 0's sampled tokens are sent back to the scheduler.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from vlmserve.shared.messages import (
 )
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.context import step_context
-from vlmserve.workers.attention.metadata import AttentionMetadata
+from vlmserve.workers.attention.metadata import AttentionMetadata, spans_of
 from vlmserve.workers.layers.deepstack import LayerAdditions
 from vlmserve.workers.logits_processors import (
     FACTORIES,
@@ -98,6 +98,8 @@ class ModelRunner:
         self.images = None
         if hasattr(model, "vision"):
             self.images = ImageInputs(model, device, encoder_cache_bytes)
+        # Gemma 3: each image's tokens attend to each other both ways in prefill.
+        self.bidirectional_images = getattr(model, "bidirectional_images", False)
 
     def update_states(self, plan: StepPlan, frames: list) -> dict[int, str]:
         """Apply the plan to the sequence states; return the new sequences that failed (their
@@ -142,6 +144,7 @@ class ModelRunner:
         input_ids: list[int] = []
         mrope: list[torch.Tensor] = []
         image_spans = []
+        both_ways: list[list[tuple[int, int]]] = []  # per sequence, its images in this step
         sample_rows: list[int] = []
         sample_seq_ids: list[int] = []
         prompt_rows: list[int] = []
@@ -155,6 +158,11 @@ class ModelRunner:
                 mrope.append(state.mrope.span(start, end))
             if state.images and start < state.images[-1].offset + state.images[-1].length:
                 image_spans.append((row, start, end, state.images))
+            if self.bidirectional_images:
+                both_ways.append(
+                    [(i.offset, i.offset + i.length) for i in state.images
+                     if i.offset < end and start < i.offset + i.length]
+                )  # fmt: skip
             if step.sample:
                 sample_rows.append(row + step.num_tokens - 1)
                 sample_seq_ids.append(step.seq_id)
@@ -172,6 +180,8 @@ class ModelRunner:
             sample_rows,
             self.block_size,
         )
+        if any(both_ways):  # the scheduler never ends a prefill chunk inside such a span
+            metadata = replace(metadata, bidirectional=spans_of(both_ways, len(steps)))
         embeds, additions = self.images.embed(ids, image_spans) if image_spans else (None, None)
         return Batch(
             input_ids=ids,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from vlmserve.shared.models import (
+    gemma3,
     idefics3,
     internvl,
     llama,
@@ -42,6 +43,7 @@ SPECS: list[ModelSpec] = [
     *internvl.SPECS,
     *idefics3.SPECS,
     *mistral3.SPECS,
+    *gemma3.SPECS,
 ]
 _BY_ARCHITECTURE = {name: spec for spec in SPECS for name in spec.architectures}
 

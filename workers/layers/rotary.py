@@ -13,23 +13,30 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
-def rope_parameters(hf_config: Any) -> dict:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict:
+    """The config's RoPE settings; with `layer_type`, that kind of layer's own (Gemma 3 keeps
+    one dict per layer type: a local base for its sliding layers, the scaled global one)."""
     params = getattr(hf_config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     if "rope_theta" not in params:
         params = {**params, "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
     return params
 
 
-def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(
+    hf_config: Any, head_dim: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
     """[head_dim // 2] inverse frequencies and the attention scaling of the config's type."""
-    params = rope_parameters(hf_config)
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         exponent = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
         return 1.0 / (params["rope_theta"] ** exponent), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}")
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    per_type = {} if layer_type is None else {"layer_type": layer_type}
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **per_type)
 
 
 def mrope_axes(params: dict, frequencies: int) -> torch.Tensor | None:
@@ -65,15 +72,17 @@ class RotaryEmbedding(nn.Module):
     angle from the temporal, height or width position, as `mrope_axes` assigns them.
     """
 
-    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+    def __init__(
+        self, hf_config: Any, head_dim: int, max_positions: int, layer_type: str | None = None
+    ) -> None:
         super().__init__()
         # Computed on the CPU in float32 whatever device the model is built on (the loader
         # builds on the meta device, which holds no values), then moved with the model.
         with torch.device("cpu"):
-            inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+            inv_freq, scaling = inverse_frequencies(hf_config, head_dim, layer_type)
             positions = torch.arange(max_positions, dtype=torch.float)
             freqs = positions[:, None] * inv_freq[None, :]
-            axes = mrope_axes(rope_parameters(hf_config), head_dim // 2)
+            axes = mrope_axes(rope_parameters(hf_config, layer_type), head_dim // 2)
         # [max_positions, head_dim // 2]; the two halves of a rotation share their angles
         self.register_buffer("cos_half", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin_half", freqs.sin() * scaling, persistent=False)

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from vlmserve.shared.models import ModelSpec
+from vlmserve.workers.models.gemma3 import Gemma3ForCausalLM, Gemma3Model
 from vlmserve.workers.models.idefics3 import Idefics3Model, SmolVLMModel
 from vlmserve.workers.models.internvl import InternVLModel
 from vlmserve.workers.models.llama import (
@@ -20,7 +21,7 @@ from vlmserve.workers.models.llava import LlavaModel, LlavaNextModel
 from vlmserve.workers.models.llava_original import LlavaOriginalModel
 from vlmserve.workers.models.mistral3 import Mistral3Model
 from vlmserve.workers.models.qwen2_vl import Qwen2VLModel, Qwen25VLModel
-from vlmserve.workers.models.qwen3_vl import Qwen3VLModel
+from vlmserve.workers.models.qwen3_vl import Qwen3VLModel, Qwen3VLMoeModel
 
 COMPUTE: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -33,10 +34,13 @@ COMPUTE: dict[str, type[nn.Module]] = {
     "qwen2_vl": Qwen2VLModel,
     "qwen2_5_vl": Qwen25VLModel,
     "qwen3_vl": Qwen3VLModel,
+    "qwen3_vl_moe": Qwen3VLMoeModel,
     "internvl": InternVLModel,
     "idefics3": Idefics3Model,
     "smolvlm": SmolVLMModel,
     "mistral3": Mistral3Model,
+    "gemma3_text": Gemma3ForCausalLM,
+    "gemma3": Gemma3Model,
 }
 
 
