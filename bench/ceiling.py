@@ -11,7 +11,9 @@ of the benchmark model runs when it does nothing a serving engine could avoid.
 - a lean prefill of one `--prompt-len`-token prompt (causal SDPA, LM head on its last row);
 - a 2048^3 float32 GEMM's GFLOP/s (the machine's dense rate today).
 
-Each figure is the fastest of `--repeats` calls after a warm-up.
+Each figure is the fastest of `--repeats` calls after a warm-up, measured with both CPU GEMM
+kernels the engine has (`--cpu-gemm`: aten's F.linear and oneDNN on prepacked weights, see
+workers/layers/linear.py); the ceiling is the faster of the two, and both are printed.
 
 From those, the workload limit at concurrency c (2c requests of `--prompt-len` prompt and
 `--output-len` output tokens, as bench/serve_bench.py sends them): every prompt prefilled
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vlmserve.workers.layers.linear import CPU_GEMMS, linear, pack_weight
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,7 +82,10 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 class LeanModel:
-    """Random float32 weights of `shape` and a KV cache preallocated for `batch` x `max_len`."""
+    """Random float32 weights of `shape` and a KV cache preallocated for `batch` x `max_len`;
+    every forward takes the GEMM kernel to run (`kernel`, one of CPU_GEMMS)."""
+
+    GEMMS = ("qkv", "o", "gate_up", "down")
 
     def __init__(self, shape: Shape, batch: int, max_len: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -103,6 +110,12 @@ class LeanModel:
         ]
         self.norm = torch.ones(s.hidden)
         self.lm_head = w(s.vocab, s.hidden)
+        # Each kernel's packed copy of every weight (None: F.linear on the weight itself).
+        self.packed = {
+            kernel: [{name: pack_weight(layer[name], kernel) for name in self.GEMMS} for layer in
+                     self.layers] + [{"lm_head": pack_weight(self.lm_head, kernel)}]
+            for kernel in CPU_GEMMS
+        }  # fmt: skip
         # [layers, batch, kv_heads, max_len, head_dim], random so no kernel skips zeros.
         cache = (s.layers, batch, s.kv_heads, max_len, s.head_dim)
         self.k = torch.randn(cache, generator=g)
@@ -111,19 +124,27 @@ class LeanModel:
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.s.eps)
 
-    def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
-        gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer["down"])
+    def mm(self, x: torch.Tensor, i: int, name: str, kernel: str) -> torch.Tensor:
+        """x @ weight.T of layer i's `name` (the LM head: i = -1) with `kernel`."""
+        weights = self.layers[i] if i >= 0 else {"lm_head": self.lm_head}
+        bias = weights.get("qkv_bias") if name == "qkv" else None
+        return linear(x, weights[name], bias, self.packed[kernel][i][name])
+
+    def _mlp(self, x: torch.Tensor, i: int, kernel: str) -> torch.Tensor:
+        gate, up = self.mm(x, i, "gate_up", kernel).chunk(2, dim=-1)
+        return self.mm(F.silu(gate) * up, i, "down", kernel)
 
     @torch.inference_mode()
-    def decode(self, x: torch.Tensor, pos: int, attention: bool = True) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, pos: int, attention: bool = True, kernel: str = "onednn"
+    ) -> torch.Tensor:
         """One token per sequence: x [batch, hidden] at position `pos` of every sequence."""
         s = self.s
         b = x.shape[0]
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
             h = self.rms(x, layer["in_norm"])
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])  # [batch, q + 2 kv]
+            qkv = self.mm(h, i, "qkv", kernel)  # [batch, q + 2 kv]
             if attention:
                 q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
                 self.k[i, :b, :, pos] = k.view(b, s.kv_heads, s.head_dim)
@@ -135,18 +156,18 @@ class LeanModel:
                 attn = out.reshape(b, q_size)
             else:
                 attn = qkv[:, :q_size]
-            x = x + F.linear(attn, layer["o"])
-            x = x + self._mlp(self.rms(x, layer["post_norm"]), layer)
-        return F.linear(self.rms(x, self.norm), self.lm_head)  # [batch, vocab]
+            x = x + self.mm(attn, i, "o", kernel)
+            x = x + self._mlp(self.rms(x, layer["post_norm"]), i, kernel)
+        return self.mm(self.rms(x, self.norm), -1, "lm_head", kernel)  # [batch, vocab]
 
     @torch.inference_mode()
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, kernel: str = "onednn") -> torch.Tensor:
         """One prompt of x [tokens, hidden], causal attention, logits of its last token."""
         s = self.s
         n = x.shape[0]
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(self.rms(x, layer["in_norm"]), layer["qkv"], layer["qkv_bias"])
+            qkv = self.mm(self.rms(x, layer["in_norm"]), i, "qkv", kernel)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             k = k.view(n, s.kv_heads, s.head_dim).transpose(0, 1)  # [kv_heads, tokens, dim]
             v = v.view(n, s.kv_heads, s.head_dim).transpose(0, 1)
@@ -156,14 +177,15 @@ class LeanModel:
                 q.view(1, n, s.heads, s.head_dim).transpose(1, 2), k[None], v[None],
                 is_causal=True, enable_gqa=True,
             )  # [1, heads, tokens, head_dim]  # fmt: skip
-            x = x + F.linear(out[0].transpose(0, 1).reshape(n, q_size), layer["o"])
-            x = x + self._mlp(self.rms(x, layer["post_norm"]), layer)
-        return F.linear(self.rms(x[-1:], self.norm), self.lm_head)
+            x = x + self.mm(out[0].transpose(0, 1).reshape(n, q_size), i, "o", kernel)
+            x = x + self._mlp(self.rms(x, layer["post_norm"]), i, kernel)
+        return self.mm(self.rms(x[-1:], self.norm), -1, "lm_head", kernel)
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+def gemm_gflops(kernel: str, n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / timed(lambda: torch.mm(a, b), repeats) / 1e9
+    packed = pack_weight(b, kernel)  # a @ b.T, as a linear layer computes
+    return 2 * n**3 / timed(lambda: linear(a, b, None, packed), repeats) / 1e9
 
 
 def measure(
@@ -173,17 +195,30 @@ def measure(
     """Every figure of the module docstring, as a JSON-able dict."""
     max_len = max(context, prompt_len) + 1
     model = LeanModel(shape, max(batches), max_len)
-    decode, gemms = {}, {}
-    for b in batches:
-        progress(f"ceiling: lean decode step at batch {b} ...")
-        x = torch.randn(b, shape.hidden)
-        decode[b] = b / timed(lambda x=x: model.decode(x, context), repeats)
-        gemms[b] = b / timed(lambda x=x: model.decode(x, context, attention=False), repeats)
-    progress(f"ceiling: lean prefill of {prompt_len} tokens ...")
-    prompt = torch.randn(prompt_len, shape.hidden)
-    prefill_s = timed(lambda: model.prefill(prompt), max(3, repeats // 4))
-    progress("ceiling: 2048^3 GEMM ...")
-    gflops = gemm_gflops()
+    by_kernel = {}
+    for kernel in CPU_GEMMS:
+        decode, gemms = {}, {}
+        for b in batches:
+            progress(f"ceiling ({kernel}): lean decode step at batch {b} ...")
+            x = torch.randn(b, shape.hidden)
+            decode[b] = b / timed(lambda x=x, k=kernel: model.decode(x, context, kernel=k), repeats)
+            gemms[b] = b / timed(
+                lambda x=x, k=kernel: model.decode(x, context, attention=False, kernel=k), repeats
+            )
+        progress(f"ceiling ({kernel}): lean prefill of {prompt_len} tokens ...")
+        prompt = torch.randn(prompt_len, shape.hidden)
+        prefill_s = timed(lambda p=prompt, k=kernel: model.prefill(p, k), max(3, repeats // 4))
+        progress(f"ceiling ({kernel}): 2048^3 GEMM ...")
+        by_kernel[kernel] = {
+            "decode_tok_s": decode, "gemms_only_tok_s": gemms, "prefill_s": prefill_s,
+            "gemm_2048_gflops": gemm_gflops(kernel),
+        }  # fmt: skip
+    # The machine's limit is what its fastest kernel does, figure by figure.
+    runs = by_kernel.values()
+    decode = {b: max(r["decode_tok_s"][b] for r in runs) for b in batches}
+    gemms = {b: max(r["gemms_only_tok_s"][b] for r in runs) for b in batches}
+    prefill_s = min(r["prefill_s"] for r in runs)
+    gflops = max(r["gemm_2048_gflops"] for r in runs)
     limit = {}
     for c in batches:
         # 2c requests in two waves of c: 2c prefills, 2 x (output_len - 1) decode steps.
@@ -194,7 +229,7 @@ def measure(
         "output_len": output_len, "torch_threads": torch.get_num_threads(),
         "decode_tok_s": decode, "gemms_only_tok_s": gemms, "prefill_s": prefill_s,
         "prefill_tok_s": prompt_len / prefill_s, "gemm_2048_gflops": gflops,
-        "workload_limit_tok_s": limit, "load_avg_1m": os.getloadavg()[0],
+        "workload_limit_tok_s": limit, "by_kernel": by_kernel, "load_avg_1m": os.getloadavg()[0],
     }  # fmt: skip
 
 
@@ -212,6 +247,18 @@ def print_report(r: dict) -> None:
         f"({r['prefill_tok_s']:.0f} tok/s); 2048^3 GEMM: {r['gemm_2048_gflops']:.1f} GFLOP/s"
     )
     print("workload limit: 2c requests, each prefilled once, then decoded at batch c")
+    by_kernel = r.get("by_kernel", {})
+    if by_kernel:
+        print("\nby GEMM kernel (the figures above are the faster of the two, figure by figure):")
+        print(f"| {'kernel':>7} | {'batch':>5} | {'lean decode tok/s':>17} | "
+              f"{'GEMMs only tok/s':>16} | {'prefill ms':>10} | "
+              f"{'2048^3 GFLOP/s':>14} |")  # fmt: skip
+        print(f"|{'-' * 9}|{'-' * 7}|{'-' * 19}|{'-' * 18}|{'-' * 12}|{'-' * 16}|")
+        for kernel, k in by_kernel.items():
+            for b, tok_s in k["decode_tok_s"].items():
+                print(f"| {kernel:>7} | {b:>5} | {tok_s:17.1f} | "
+                      f"{k['gemms_only_tok_s'][b]:16.1f} | {k['prefill_s'] * 1000:10.1f} | "
+                      f"{k['gemm_2048_gflops']:14.1f} |")  # fmt: skip
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Offline engine benchmark: vlmserve's engine against transformers `generate`, side by side.
 
-    .venv/bin/python bench/engine_bench.py [--requests 128] [--batch 64] [--out FILE]
+    .venv/bin/python bench/engine_bench.py [--requests 128] [--batch 64] [--cpu-gemm K] [--out FILE]
 
 Workload (seeded): prompt lengths 32-512, output lengths 16-256, random token ids, on the
 ~30 M-parameter Qwen2-shaped checkpoint of `vlmserve demo-checkpoint --size bench`, float32
@@ -48,7 +48,9 @@ def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
     ]
 
 
-def run_engine(model_dir: str, work: list, batch: int, attention_backend: str) -> dict:
+def run_engine(
+    model_dir: str, work: list, batch: int, attention_backend: str, cpu_gemm: str
+) -> dict:
     requests = [
         (prompt, SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True))
         for prompt, out in work
@@ -56,7 +58,11 @@ def run_engine(model_dir: str, work: list, batch: int, attention_backend: str) -
     with (
         tempfile.TemporaryDirectory() as tmp,
         scheduler_and_workers(
-            model_dir, tmp, max_batch_size=batch, attention_backend=attention_backend
+            model_dir,
+            tmp,
+            max_batch_size=batch,
+            attention_backend=attention_backend,
+            cpu_gemm=cpu_gemm,
         ) as eng,
     ):
         config = eng["config"]
@@ -115,19 +121,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--attention-backend", default=Config().attention_backend)
+    parser.add_argument("--cpu-gemm", default=Config().cpu_gemm, help="the engine's GEMM kernel")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "engine.json"))
     args = parser.parse_args()
     model_dir = bench_checkpoint()
     config = transformers.AutoConfig.from_pretrained(model_dir)
     work = workload(args.requests, config.vocab_size, args.seed)
-    ours = run_engine(model_dir, work, args.batch, args.attention_backend)
+    ours = run_engine(model_dir, work, args.batch, args.attention_backend, args.cpu_gemm)
     theirs = None if args.skip_transformers else run_transformers(model_dir, work, args.batch)
     report = {
         "workload": {
             "requests": args.requests, "batch": args.batch, "seed": args.seed,
             "prompt_len": [32, 512], "output_len": [16, 256], "dtype": "float32",
             "torch_threads": torch.get_num_threads(),
-            "attention_backend": args.attention_backend,
+            "attention_backend": args.attention_backend, "cpu_gemm": args.cpu_gemm,
         },
         "vlmserve": ours,
         "transformers": theirs,

@@ -53,6 +53,8 @@ HELP: dict[str, str] = {
     "attention_backend": "attention kernels the workers run over the KV cache: sdpa (torch's "
     "fused scaled-dot-product kernels, the fast CPU path) or torch (the plain-torch reference "
     "every backend is tested against)",
+    "cpu_gemm": "kernel of the linear layers on cpu: onednn (weights prepacked once at load, "
+    "the fast path) or aten (torch's F.linear, MKL's sgemm on x86)",
     "worker_timeout": "seconds without a heartbeat after which a worker counts as dead",
     "worker_startup_timeout": "seconds the scheduler waits for every worker to load and report "
     "ready",
@@ -130,6 +132,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cpu_cache_gib: float = 4.0
     num_kv_blocks: int = 0
     attention_backend: str = "sdpa"
+    cpu_gemm: str = "onednn"
     worker_timeout: float = 3.0
     worker_startup_timeout: float = 900.0
     seed: int = 0
@@ -192,6 +195,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 self.dtype in ("auto", "float32", "bfloat16", "float16"),
                 "--dtype must be auto, float32, bfloat16 or float16",
             ),
+            (self.cpu_gemm in ("onednn", "aten"), "--cpu-gemm must be onednn or aten"),
             (self.frontend_workers >= 1, "--frontend-workers must be at least 1"),
             (
                 self.tool_call_parser in ("", *TOOL_CALL_PARSERS),

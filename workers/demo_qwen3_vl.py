@@ -1,10 +1,12 @@
 """A tiny random-weight Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration`) in Hugging Face
 format, built offline: Qwen3 decoder (q/k norms), interleaved multimodal RoPE, a ViT with a
 learned position grid and two DeepStack levels (one per decoder layer), its image processor
-sized in pixels (`size` shortest/longest edge) and a ChatML template."""
+sized in pixels (`size` shortest/longest edge), a video processor config (its `size` bounds a
+whole video's frames x height x width) and a ChatML template."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -58,6 +60,15 @@ def build_qwen3_vl(out_dir: str, seed: int = 0) -> str:
     )
     model.save_pretrained(out_dir)
     images.save_pretrained(out_dir)
+    # Written by hand: Qwen3VLVideoProcessor needs torchvision, which has no build for our torch.
+    video = dict(
+        size={"shortest_edge": 4 * TOKEN_PIXELS, "longest_edge": 256 * TOKEN_PIXELS},
+        patch_size=PATCH, temporal_patch_size=2, merge_size=MERGE,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        processor_class="Qwen3VLProcessor", video_processor_type="Qwen3VLVideoProcessor",
+    )  # fmt: skip
+    with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w") as f:
+        json.dump(video, f, indent=2)
     tokenizer.chat_template = QWEN_VL_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return out_dir

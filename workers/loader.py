@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vlmserve.shared.models import checkpoint_spec
-from vlmserve.workers.layers.linear import load_whole
+from vlmserve.workers.layers.linear import load_whole, pack_linears
 from vlmserve.workers.models.registry import build_model
 
 log = logging.getLogger("vlmserve.loader")
@@ -142,8 +142,11 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
                 module._buffers[name] = buffer.to(device)
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`."""
+def load_model(
+    model_dir: str, dtype: torch.dtype, device: torch.device, cpu_gemm: str = "onednn"
+) -> nn.Module:
+    """The model of `model_dir`'s architecture with its weights, in `dtype` on `device`, its
+    linear layers' weights packed for `cpu_gemm` (see layers/linear.py) once loaded."""
     spec = checkpoint_spec(model_dir)
     config = spec.hf_config(model_dir)
     tie_as_checkpoint(config, safetensors_files(model_dir))
@@ -155,4 +158,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.M
     for directory, rename in sources or [(model_dir, None)]:
         loaded |= load_weights(model, safetensors_files(directory), rename=rename)
     check_all_loaded(model, loaded)
+    packed = pack_linears(model, cpu_gemm)
+    if packed:
+        log.info("packed the weights of %d linear layers for oneDNN", packed)
     return model.eval()

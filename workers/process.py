@@ -117,7 +117,7 @@ def serve(config: Config) -> int:
     try:
         backend = attention_backend(config.attention_backend)  # refused before loading
         group = join_group(config, device)  # before the model: layers shard by the group
-        model = load_model(config.model, dtype, device)
+        model = load_model(config.model, dtype, device, config.cpu_gemm)
         info = read_model_info(config.model)
         factories = FACTORIES
         if config.rank == 0:  # reads the vocabulary in a thread while the cache is allocated

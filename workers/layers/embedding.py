@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmserve.workers.layers.linear import copy_into, read_rows
+from vlmserve.workers.layers.linear import copy_into, linear, pack_weight, read_rows
 from vlmserve.workers.parallel import all_reduce, gather_to_first, tp_rank, tp_size
 
 
@@ -41,7 +41,19 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over this rank's vocabulary slice, gathered into the whole vocabulary on rank 0,
     the rank that samples; every rank must call it alike (the gather is a collective)."""
 
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of the weight (pack)
+
+    def pack(self, cpu_gemm: str) -> bool:
+        """Compute logits on a packed copy of the weight as now loaded (a tied weight keeps
+        serving the embedding lookup as it is); False where F.linear stays."""
+        self.packed = pack_weight(self.weight, cpu_gemm)
+        return self.packed is not None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[tokens, vocab] on rank 0; on other ranks their own slice, [tokens, slice]."""
-        logits = gather_to_first(F.linear(hidden, self.weight), dim=-1)  # [tokens, padded vocab]
+        logits = gather_to_first(
+            linear(hidden, self.weight, None, self.packed), dim=-1
+        )  # [tokens, padded vocab]
         return logits[:, : self.vocab_size]

@@ -1,6 +1,10 @@
 """Qwen3-VL: transformers' ViT (learned position grid, 2D RoPE, patch merger, DeepStack mergers)
 and our Qwen3 decoder with interleaved multimodal RoPE and DeepStack.
 
+Videos: the frames' rows go to the `<|video_pad|>`s of the video's span (the timestamps and
+vision start/end tokens between temporal patches keep their own embeddings), and
+transformers' get_rope_index places each temporal patch in time after its timestamp text.
+
 The vision tower returns, per image, the placeholders' embeddings and one more row per
 placeholder for each of its `deepstack_visual_indexes`; those levels are added to the outputs
 of the first decoder layers at the image's token rows (workers/layers/deepstack.py).
@@ -44,6 +48,12 @@ class Qwen3VLModel(Qwen2VLModel):
     vision_half = "Qwen3VLModel"
     name_prefixes = NAME_PREFIXES
     encoder = DeepstackVisionEncoder
+    # A video's span holds each temporal patch's timestamp and vision start/end tokens.
+    image_span_holds_text = True
+
+    def placeholder_ids(self) -> torch.Tensor:
+        return torch.tensor([self.image_token_id, self.video_token_id])
 
     def decoder_class(self, text_config: Any) -> type[Qwen3ForCausalLM]:
         return Qwen3VLTextForCausalLM
+
