@@ -2,8 +2,10 @@
 guard, data: URLs, local files under --allowed-local-media-path) with their own byte cap
 (--video-max-bytes), decoded with PyAV off the event loop, and sampled.
 
-Sampling follows Qwen2-VL's video processor (`fps` frames a second of video, at most
-`max_frames`, a multiple of the model's temporal patch), and only the sampled frames are
+Sampling follows the model's video processor: Qwen2-VL's (`fps` frames a second of video, at
+most `max_frames`, a multiple of the model's temporal patch, evenly stepped) or Qwen3-VL's
+(`linspace`: the same count without the rounding, spread from the first frame to the last), and
+only the sampled frames are
 converted to RGB, so a long clip costs its compressed bytes, not its decoded ones. Every
 failure is the client's: a 400 with param "messages" naming the problem (not a video, no video
 stream, corrupt, too long, too large, frames too big), never a 500 and never a worker crash.
@@ -38,6 +40,10 @@ class Video:
     frames: np.ndarray  # [frames, height, width, 3] uint8 RGB
     fps: float  # frames per second of the sampled frames (transformers' `sampled_fps`)
     hash: str  # of the frames and their rate: the encoder and prefix caches' key
+    # Where the frames are in the video (transformers' VideoMetadata.frames_indices and fps):
+    # Qwen3-VL writes each temporal patch's time in the prompt.
+    indices: list[int]
+    native_fps: float
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,16 @@ class Sampling:
     multiple: int  # the frame count is a multiple of this (the model's temporal patch)
     max_seconds: float
     max_pixels: int  # per frame
+    linspace: bool = False  # Qwen3VLVideoProcessor's rule (see sample_indices)
 
 
 def _video_error(message: str) -> APIError:
     return bad_request(message, PARAM, VIDEO_CODE)
 
 
-def sampling_of(part: VideoURL | str, config: Config, multiple: int) -> Sampling:
+def sampling_of(
+    part: VideoURL | str, config: Config, multiple: int, linspace: bool = False
+) -> Sampling:
     """The request's sampling within the server's caps; 400 when it asks past them."""
     fps = config.video_fps if isinstance(part, str) or part.fps is None else part.fps
     max_frames = config.video_max_frames
@@ -64,14 +73,24 @@ def sampling_of(part: VideoURL | str, config: Config, multiple: int) -> Sampling
                 f"most {config.video_max_frames} frames a video (--video-max-frames)."
             )
         max_frames = part.max_frames
-    return Sampling(fps, max_frames, multiple, config.video_max_seconds, config.image_max_pixels)
+    return Sampling(
+        fps, max_frames, multiple, config.video_max_seconds, config.image_max_pixels, linspace
+    )
 
 
 def sample_indices(total: int, native_fps: float, sampling: Sampling) -> list[int]:
     """Which of `total` frames (at `native_fps`) are sampled: `sampling.fps` a second but at
     least MIN_FRAMES, at most `max_frames`, rounded down to a multiple of `multiple` but never
     fewer than one multiple (a clip shorter than that keeps all its frames; the processor
-    repeats the last)."""
+    repeats the last).
+
+    With `sampling.linspace` (Qwen3VLVideoProcessor.sample_frames): int(seconds * fps) frames,
+    at least MIN_FRAMES, at most `max_frames` and `total`, not rounded to the temporal patch
+    (the processor repeats the last frame), at the rounded points of an even spread from the
+    first frame to the last."""
+    if sampling.linspace:
+        n = min(max(int(total / native_fps * sampling.fps), MIN_FRAMES), sampling.max_frames, total)
+        return np.linspace(0, total - 1, n).round().astype(int).tolist()
     m = sampling.multiple
     wanted = total / native_fps * sampling.fps
     n = min(max(wanted, MIN_FRAMES), sampling.max_frames, total)
@@ -109,7 +128,7 @@ def decode_video(data: bytes, sampling: Sampling) -> Video:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"video:{stack.shape}:{fps!r}:".encode())
     digest.update(stack.tobytes())
-    return Video(stack, fps, digest.hexdigest())
+    return Video(stack, fps, digest.hexdigest(), indices, native_fps)
 
 
 def _probe(data: bytes, sampling: Sampling) -> tuple[int, float]:
@@ -177,20 +196,29 @@ def _decode_frames(data: bytes, indices: list[int]) -> list[np.ndarray]:
 
 
 async def load_video(
-    part: VideoURL | str, config: Config, client: httpx.AsyncClient, multiple: int
+    part: VideoURL | str,
+    config: Config,
+    client: httpx.AsyncClient,
+    multiple: int,
+    linspace: bool = False,
 ) -> Video:
     """The video of one content part, fetched, decoded and sampled."""
-    sampling = sampling_of(part, config, multiple)
+    sampling = sampling_of(part, config, multiple, linspace)
     url = part if isinstance(part, str) else part.url
     data = await load_bytes(url, config, client, config.video_max_bytes, "video")
     return await asyncio.get_running_loop().run_in_executor(None, decode_video, data, sampling)
 
 
 async def load_videos(
-    parts: Sequence[VideoURL | str], config: Config, client: httpx.AsyncClient, multiple: int
+    parts: Sequence[VideoURL | str],
+    config: Config,
+    client: httpx.AsyncClient,
+    multiple: int,
+    linspace: bool = False,
 ) -> list[Video]:
     """All videos of one request, concurrently, in order; the first failure is raised. 400
-    first when there are more than --limit-mm-per-prompt."""
+    first when there are more than --limit-mm-per-prompt. `multiple` and `linspace`: the
+    model's sampling rule (sample_indices)."""
     if len(parts) > config.limit_mm_per_prompt:
         raise bad_request(
             f"Too many videos: the request has {len(parts)}; this server accepts at most "
@@ -200,7 +228,9 @@ async def load_videos(
         )
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(load_video(p, config, client, multiple)) for p in parts]
+            tasks = [
+                group.create_task(load_video(p, config, client, multiple, linspace)) for p in parts
+            ]
     except ExceptionGroup as failures:
         raise failures.exceptions[0] from None
     return [task.result() for task in tasks]

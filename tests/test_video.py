@@ -32,18 +32,20 @@ MAX_NEW = 10
 WIDTH, HEIGHT = 84, 56  # multiples of 28 within the demo's pixel bounds: no resizing
 
 
-def make_clip(frames: int = 8, fps: int = 4, noise: bool = False) -> bytes:
+def make_clip(
+    frames: int = 8, fps: int = 4, noise: bool = False, width: int = WIDTH, height: int = HEIGHT
+) -> bytes:
     """An MP4 (H.264) of a red square moving right over a green-blue gradient and a white
     bar moving down; with `noise`, random pixels (which compress badly: a large file)."""
     rng = np.random.default_rng(1)
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
-            img = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-            img[..., 1] = np.linspace(0, 255, WIDTH, dtype=np.uint8)[None]
-            img[..., 2] = np.linspace(255, 0, HEIGHT, dtype=np.uint8)[:, None]
+            img = np.zeros((height, width, 3), dtype=np.uint8)
+            img[..., 1] = np.linspace(0, 255, width, dtype=np.uint8)[None]
+            img[..., 2] = np.linspace(255, 0, height, dtype=np.uint8)[:, None]
             x = 4 + 8 * i
             img[10:26, x : x + 16] = (230, 20, 20)
             y = 4 + 5 * i
@@ -287,16 +289,3 @@ def refuse_bad_videos(client: openai.OpenAI, clip: bytes) -> None:
             )  # fmt: skip
         assert err.value.body["param"] == param, err.value.body
         assert gist.lower() in err.value.body["message"].lower(), err.value.body["message"]
-
-
-def test_qwen3_vl_refuses_videos(tmp_path) -> None:  # noqa: ANN001
-    """Qwen3-VL's video prompts (timestamps per temporal patch) are not built yet: its
-    processor offers no video sampling, so the route answers 400 rather than serving wrong."""
-    from vlmserve.shared.models import checkpoint_spec
-    from vlmserve.workers.demo_qwen3_vl import build_qwen3_vl
-
-    model_dir = build_qwen3_vl(str(tmp_path / "ckpt"))
-    images = checkpoint_spec(model_dir).image_processor(model_dir)
-    assert images.video_frame_multiple is None
-    qwen2 = build_qwen2_vl(str(tmp_path / "qwen2"))
-    assert checkpoint_spec(qwen2).image_processor(qwen2).video_frame_multiple == 2

@@ -174,7 +174,7 @@ class ImageInputs:
             placeholders = meta.length
             if self.model.image_span_holds_text:
                 span = torch.tensor(new.token_ids[meta.offset : meta.offset + meta.length])
-                rows = (span == self.model.image_token_id).nonzero().flatten()
+                rows = torch.isin(span, self.model.placeholder_ids()).nonzero().flatten()
                 placeholders = len(rows)
             if features.shape[0] != placeholders:
                 raise ValueError(

@@ -172,7 +172,8 @@ class ChatCompletionsResource:
         images = await load_images(urls, state.config, state.http) if urls else []
         clips = []
         if videos:
-            clips = await load_videos(videos, state.config, state.http, frame_multiple)
+            linspace = getattr(state.prompter.images, "video_linspace", False)
+            clips = await load_videos(videos, state.config, state.http, frame_multiple, linspace)
         plan = plan_tools(body, state.config.tool_call_parser, state.config.reasoning_parser)
         prompt_ids, processed = await state.off_loop(
             state.prompter.chat_inputs, body.messages, images, plan.tools, clips

@@ -30,6 +30,7 @@ class QwenVLImages:
         self.video_pad = self.tokenizer.convert_ids_to_tokens(self.video_token_id)
         self.video_frame_multiple = int(self.image_processor.temporal_patch_size)
         self.video_size = video_size(model_dir)
+        self.merge_tokens = self.image_processor.merge_size**2
 
     def process(
         self, text: str, images: list, videos: Sequence[Any] = ()
@@ -38,7 +39,7 @@ class QwenVLImages:
         RGB) and `fps` (of the sampled frames) and are placed at the `<|video_pad|>`s."""
         import numpy as np
 
-        merge = self.image_processor.merge_size**2
+        merge = self.merge_tokens
         items: list[dict[str, Any]] = []
         if images:
             out = self.image_processor(images=images, return_tensors="np")
@@ -51,15 +52,7 @@ class QwenVLImages:
                 for i in range(len(images))
             ]
         for video in videos:
-            patches, grid = video_patches(self.image_processor, video.frames, self.video_size)
-            seconds = self.video_frame_multiple / video.fps  # of video per temporal patch
-            items.append(
-                {
-                    "pixel_values_videos": patches,
-                    "video_grid_thw": grid,
-                    "second_per_grid_ts": np.array([seconds], dtype=np.float32),
-                }
-            )
+            items.append(self.video_arrays(video))
         image_items, video_items = items[: len(images)], items[len(images) :]
         pads = {self.pad: image_items, self.video_pad: video_items}
         pieces = re.split(f"({re.escape(self.pad)}|{re.escape(self.video_pad)})", text)
@@ -70,24 +63,49 @@ class QwenVLImages:
                     f"{pieces.count(pad)} {kind} placeholders for {len(found)} {kind}s"
                 )
         cursor = {self.pad: iter(image_items), self.video_pad: iter(video_items)}
-        ordered, expanded = [], []
+        clips = iter(videos)
+        ordered, expanded, run_counts = [], [], []
         for piece in pieces:
-            if piece in pads:
+            if piece == self.pad:
                 item = next(cursor[piece])
-                grid = item.get("image_grid_thw", item.get("video_grid_thw"))
+                piece = piece * (int(np.prod(item["image_grid_thw"])) // merge)
+                run_counts.append(1)
                 ordered.append(item)
-                piece = piece * (int(np.prod(grid)) // merge)
+            elif piece == self.video_pad:
+                item = next(cursor[piece])
+                piece = self.video_text(item, next(clips))
+                run_counts.append(len(re.findall(f"(?:{re.escape(self.video_pad)})+", piece)))
+                ordered.append(item)
             expanded.append(piece)
         ids = tokenize_rendered(self.tokenizer, "".join(expanded))
         runs = sorted(
             placeholder_runs(ids, self.image_token_id) + placeholder_runs(ids, self.video_token_id)
         )
-        if len(runs) != len(ordered):  # placeholders written next to each other merge
+        if len(runs) != sum(run_counts):  # placeholders written next to each other merge
             raise ValueError(f"{len(runs)} placeholder runs for {len(ordered)} images and videos")
-        return ids, [
-            PlacedImage(offset, length, arrays)
-            for (offset, length), arrays in zip(runs, ordered, strict=True)
-        ]
+        # An item's span runs from its first placeholder to its last (Qwen3-VL's videos hold
+        # a timestamp between temporal patches).
+        placed, bounds = [], np.cumsum([0, *run_counts])
+        for i, arrays in enumerate(ordered):
+            first, last = runs[bounds[i]], runs[bounds[i + 1] - 1]
+            placed.append(PlacedImage(first[0], last[0] + last[1] - first[0], arrays))
+        return ids, placed
+
+    def video_arrays(self, video: Any) -> dict[str, Any]:
+        """A video's arrays for the workers: its patches, grid and time per temporal patch."""
+        import numpy as np
+
+        patches, grid = video_patches(self.image_processor, video.frames, self.video_size)
+        seconds = self.video_frame_multiple / video.fps  # of video per temporal patch
+        return {
+            "pixel_values_videos": patches,
+            "video_grid_thw": grid,
+            "second_per_grid_ts": np.array([seconds], dtype=np.float32),
+        }
+
+    def video_text(self, arrays: dict[str, Any], video: Any) -> str:
+        """What a video's `<|video_pad|>` becomes: one per merged patch of every frame."""
+        return self.video_pad * (int(arrays["video_grid_thw"].prod()) // self.merge_tokens)
 
 
 class Qwen2VLSpec(ModelSpec):

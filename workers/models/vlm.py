@@ -45,6 +45,10 @@ class VisionLanguageModel(nn.Module):
             self.vision = self.encoder(hf_config, self.vision_class(hf_config))
         self.image_token_id: int = hf_config.image_token_id
 
+    def placeholder_ids(self) -> torch.Tensor:
+        """The token ids of a span that take the encoder's rows (image_span_holds_text)."""
+        return torch.tensor([self.image_token_id])
+
     def vision_class(self, hf_config: Any) -> str:
         return self.vision_half
 
