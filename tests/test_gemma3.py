@@ -30,7 +30,8 @@ from vlmserve.scheduler.scheduler import Scheduler
 from vlmserve.shared.messages import ImageMeta, SamplingParams, StepResult, Submit
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.shared.models.processing import tokenize_rendered
-from vlmserve.workers.demo_gemma3 import SOFT_TOKENS, WINDOW, build_gemma3, build_gemma3_text
+from vlmserve.workers import demo_checkpoint
+from vlmserve.workers.demo_gemma3 import SOFT_TOKENS, WINDOW, build_gemma3
 
 MAX_NEW = 12
 LONG = (
@@ -87,7 +88,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_gemma3_text(str(tmp_path_factory.mktemp("gemma3-text") / "ckpt"))
+    """Built as `vlmserve demo-checkpoint DIR --arch gemma3_text` builds it."""
+    out = str(tmp_path_factory.mktemp("gemma3-text") / "ckpt")
+    demo_checkpoint.main([out, "--arch", "gemma3_text"])
+    assert checkpoint_spec(out).architectures == ("Gemma3ForCausalLM",)
+    return out
 
 
 def test_prompt_and_pixels_as_transformers_processor(checkpoint: str) -> None:
@@ -180,11 +185,11 @@ def test_served_like_transformers(checkpoint: str, tmp_path_factory) -> None:  #
             assert reply.usage.completion_tokens == len(tokens), what
 
 
-@pytest.mark.parametrize("step_tokens", [2048, 7])
 def test_text_only_served_like_transformers(
-    text_checkpoint: str, step_tokens: int, tmp_path_factory: pytest.TempPathFactory
+    text_checkpoint: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Gemma3ForCausalLM: prompts up to several windows long, whole or in 7-token chunks."""
+    """Gemma3ForCausalLM: prompts up to several windows long, in 7-token chunks beside each
+    other's decodes (a whole prefill is test_text_decoder_logits_equal_transformers)."""
     tok = transformers.AutoTokenizer.from_pretrained(text_checkpoint)
     chats = [
         [{"role": "user", "content": "hi"}],
@@ -200,7 +205,7 @@ def test_text_only_served_like_transformers(
     assert len(prompts[2]) > 4 * WINDOW
     expected = hf_greedy(text_checkpoint, prompts, MAX_NEW)
     config = local_config(
-        text_checkpoint, str(tmp_path_factory.mktemp("server")), max_batched_tokens=step_tokens,
+        text_checkpoint, str(tmp_path_factory.mktemp("server")), max_batched_tokens=7,
         max_batch_size=4, block_size=4, num_kv_blocks=1024,
     )  # fmt: skip
     with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:

@@ -200,13 +200,17 @@ def main(argv: list[str] | None = None) -> None:
         prog="vlmserve demo-checkpoint",
         description="Write a tiny random-weight checkpoint in Hugging Face format (no download).",
     )
+    from vlmserve.workers.demo_gemma3 import build_gemma3, build_gemma3_text
     from vlmserve.workers.demo_idefics3 import IDEFICS3_ARCHES, build_idefics3
     from vlmserve.workers.demo_internvl import INTERNVL_ARCHES, build_internvl
     from vlmserve.workers.demo_mistral3 import build_mistral3
     from vlmserve.workers.demo_vlm import VISION_ARCHES, build_vision_checkpoint
 
     parser.add_argument("dir")
-    arches = [*ARCHES, *VISION_ARCHES, *INTERNVL_ARCHES, *IDEFICS3_ARCHES, "mistral3"]
+    arches = [
+        *ARCHES, *VISION_ARCHES, *INTERNVL_ARCHES, *IDEFICS3_ARCHES, "mistral3", "gemma3",
+        "gemma3_text",
+    ]  # fmt: skip
     parser.add_argument("--arch", default="llama", choices=arches)
     parser.add_argument("--size", default="tiny", choices=list(SIZES), help="text models only")
     parser.add_argument("--seed", type=int, default=0)
@@ -229,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         build_idefics3(args.dir, smolvlm=args.arch == "smolvlm", seed=args.seed)
     elif args.arch == "mistral3":
         build_mistral3(args.dir, seed=args.seed)
+    elif args.arch == "gemma3":
+        build_gemma3(args.dir, seed=args.seed)
+    elif args.arch == "gemma3_text":
+        build_gemma3_text(args.dir, seed=args.seed)
     elif args.arch in VISION_ARCHES:
         build_vision_checkpoint(args.dir, args.arch, seed=args.seed)
     else:
