@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import io
 import logging
@@ -43,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import numpy as np
-from image_bench import image_pool, preprocessing_ms
+from image_bench import image_pool, payloads, preprocessing_ms
 from prometheus_client.parser import text_string_to_metric_families
 from report import free_port, write_json
 from serve_client import Prompt, run_load, summarize
@@ -80,31 +79,9 @@ def build_family(arch: str, out_dir: str) -> str:
 
 def chats(n: int, per_request: int, pool: list[bytes], output_len: int, seed: int) -> list[dict]:
     """`n` streamed chats, each its own system turn, then `per_request` pool images and text."""
-    urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pool]
     rng = random.Random(seed)
-    return [
-        {
-            "messages": [
-                {"role": "system", "content": f"Request {seed}-{i}."},
-                {
-                    "role": "user",
-                    "content": [
-                        *[
-                            {"type": "image_url", "image_url": {"url": rng.choice(urls)}}
-                            for _ in range(per_request)
-                        ],
-                        {"type": "text", "text": "Describe the pictures."},
-                    ],
-                },
-            ],
-            "max_tokens": output_len,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
-        }  # fmt: skip
-        for i in range(n)
-    ]
+    requests = [[rng.randrange(len(pool)) for _ in range(per_request)] for _ in range(n)]
+    return payloads(requests, pool, output_len, model=None, system=f"Request {seed}-")
 
 
 def image_metrics(url: str) -> tuple[float, float]:

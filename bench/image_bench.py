@@ -76,28 +76,29 @@ def workload(n: int, pool: list[bytes], output_len: int, seed: int) -> list[list
     return [[rng.randrange(len(pool)) for _ in range(rng.randint(1, 3))] for _ in range(n)]
 
 
-def payloads(requests: list[list[int]], pool: list[bytes], output_len: int) -> list[dict]:
+def payloads(
+    requests: list[list[int]], pool: list[bytes], output_len: int,
+    model: str | None = "qwen2-vl-demo", system: str | None = None,
+) -> list[dict]:  # fmt: skip
+    """A streamed chat per request showing its pool images; with `system`, each opens with a
+    system turn of its own (`system` and the request's index)."""
     urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pool]
-    return [
-        {
-            "model": "qwen2-vl-demo",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        *[{"type": "image_url", "image_url": {"url": urls[i]}} for i in images],
-                        {"type": "text", "text": "Describe the pictures."},
-                    ],
-                }
+    bodies = []
+    for i, images in enumerate(requests):
+        user = {
+            "role": "user",
+            "content": [
+                *[{"type": "image_url", "image_url": {"url": urls[j]}} for j in images],
+                {"type": "text", "text": "Describe the pictures."},
             ],
-            "max_tokens": output_len,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
+        }
+        turns = [{"role": "system", "content": f"{system}{i}."}] if system else []
+        body = {
+            "messages": [*turns, user], "max_tokens": output_len, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
         }  # fmt: skip
-        for images in requests
-    ]
+        bodies.append(body | ({"model": model} if model else {}))
+    return bodies
 
 
 def preprocessing_ms(model_dir: str, pool: list[bytes]) -> dict:
