@@ -88,7 +88,7 @@ def shrink_vision(vision: dict, text_hidden: int, model_type: str) -> dict:
         return out | dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
         )
-    if model_type in ("idefics3", "smolvlm"):  # frames keep their pixels and patches
+    if model_type in ("idefics3", "smolvlm", "gemma3"):  # frames keep their pixels and patches
         return out | dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
         )
