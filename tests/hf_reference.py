@@ -15,10 +15,14 @@ NEAR_TIE = 1e-4
 
 
 def hf_greedy(
-    model_dir: str, prompts: list[list[int]], max_new_tokens: int
+    model_dir: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    auto: type = transformers.AutoModelForCausalLM,
 ) -> list[tuple[list[int], torch.Tensor]]:
-    """For each prompt (alone, no padding): generated tokens and the logits of each step."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    """For each prompt (alone, no padding): generated tokens and the logits of each step
+    (`auto`: AutoModelForImageTextToText for a vision-language model's text prompts)."""
+    model = auto.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     out = []
     for prompt in prompts:

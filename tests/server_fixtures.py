@@ -26,6 +26,21 @@ def local_config(model: str, workdir: str, **settings: object) -> Config:
     return Config(**(base | settings))
 
 
+def engine_greedy(model_dir: str, workdir: str, prompts: list[list[int]], max_new: int) -> list:
+    """The engine's greedy tokens for token-id prompts, all in flight at once, through a
+    scheduler and a worker (no frontend: no tokenizer or processor needed)."""
+    from vlmserve.deploy.launcher import scheduler_and_workers
+    from vlmserve.frontend.offline import run_requests
+    from vlmserve.shared.messages import SamplingParams
+
+    greedy = SamplingParams(max_tokens=max_new, temperature=0.0)
+    with scheduler_and_workers(model_dir, workdir, block_size=16, num_kv_blocks=64) as eng:
+        results, _ = run_requests(eng["config"], [(p, greedy) for p in prompts])
+    for res in results:
+        assert res.error is None, res.error
+    return [res.token_ids for res in results]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

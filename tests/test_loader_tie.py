@@ -6,8 +6,9 @@
 - untied but no lm_head in the checkpoint: transformers draws a random output layer (reported
   MISSING), so the engine refuses the checkpoint with a line saying why.
 
-One text family (Qwen2) and one vision-language family (InternVL) for the first trap, greedy
-tokens identical to transformers `generate`; Llama and LLaVA for the second."""
+One text family (Qwen2), one vision-language family (InternVL) and the published Mistral Small 3.1
+config (tests/data/realconfigs) for the first trap, greedy tokens identical to transformers
+`generate`; Llama and LLaVA for the second."""
 
 from __future__ import annotations
 
@@ -19,18 +20,18 @@ import torch
 import transformers
 from hf_reference import compare_greedy, hf_greedy
 from safetensors.torch import load_file, save_file
+from server_fixtures import engine_greedy
 
-from vlmserve.deploy.launcher import scheduler_and_workers
-from vlmserve.frontend.offline import run_requests
-from vlmserve.shared.messages import SamplingParams
 from vlmserve.workers.demo_checkpoint import build_checkpoint
 from vlmserve.workers.demo_internvl import build_internvl
+from vlmserve.workers.demo_real import build_from_config
 from vlmserve.workers.demo_vlm import build_llava
 from vlmserve.workers.loader import load_model
 
 CPU = torch.device("cpu")
+REALCONFIGS = os.path.join(os.path.dirname(__file__), "data", "realconfigs")
+MISTRAL_SMALL = os.path.join(REALCONFIGS, "mistralai__Mistral-Small-3.1-24B-Instruct-2503")
 MAX_NEW = 12
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 
 
 def _weights(model_dir: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -43,14 +44,14 @@ def _embed_name(weights: dict) -> str:
     return name
 
 
-def _with_own_head(model_dir: str) -> torch.Tensor:
-    """Give a tied checkpoint an lm_head.weight of its own (config.json still says tied), as
+def _with_own_head(model_dir: str, name: str = "lm_head.weight") -> torch.Tensor:
+    """Give a tied checkpoint an lm_head weight of its own (config.json still says tied), as
     Mistral Small 3.1's checkpoint has; returns it."""
     path, weights = _weights(model_dir)
     assert not any(k.endswith("lm_head.weight") for k in weights), "expected a tied checkpoint"
     embed = weights[_embed_name(weights)]
     head = torch.randn(embed.shape, generator=torch.Generator().manual_seed(7)) * 0.2
-    weights["lm_head.weight"] = head
+    weights[name] = head
     save_file(weights, path, metadata={"format": "pt"})
     return head
 
@@ -67,32 +68,6 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in (5, 17, 40)]
 
 
-def _engine_greedy(model_dir: str, workdir: str, prompts: list[list[int]]) -> list[list[int]]:
-    with scheduler_and_workers(model_dir, workdir, block_size=16, num_kv_blocks=64) as eng:
-        results, _ = run_requests(eng["config"], [(p, GREEDY) for p in prompts])
-    for res in results:
-        assert res.error is None, res.error
-    return [res.token_ids for res in results]
-
-
-def _vlm_greedy(model_dir: str, prompts: list[list[int]]) -> list[tuple[list[int], torch.Tensor]]:
-    """transformers' greedy tokens (and logits) of a vision-language model on text prompts."""
-    model = transformers.AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=torch.float32
-    ).eval()
-    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                do_sample=False, return_dict_in_generate=True, output_logits=True,
-            )  # fmt: skip
-        out.append((gen.sequences[0, len(prompt) :].tolist(), torch.cat(gen.logits)))
-    return out
-
-
 def test_tied_config_with_own_lm_head_unties_like_transformers(tmp_path, workdir) -> None:  # noqa: ANN001
     model_dir = build_checkpoint(str(tmp_path / "qwen2"), arch="qwen2")
     head = _with_own_head(model_dir)
@@ -105,7 +80,7 @@ def test_tied_config_with_own_lm_head_unties_like_transformers(tmp_path, workdir
     prompts = _prompts(ref.config.vocab_size)
     refs = hf_greedy(model_dir, prompts, MAX_NEW)
     for i, (got, (tokens, logits)) in enumerate(
-        zip(_engine_greedy(model_dir, workdir, prompts), refs, strict=True)
+        zip(engine_greedy(model_dir, workdir, prompts, MAX_NEW), refs, strict=True)
     ):
         compare_greedy(f"qwen2 tied config with own lm_head, prompt {i}", got, tokens, logits)
 
@@ -116,12 +91,40 @@ def test_vlm_tied_config_with_own_lm_head_unties_like_transformers(tmp_path, wor
     ours = load_model(model_dir, torch.float32, CPU)
     assert ours.language.lm_head.weight is not ours.language.model.embed_tokens.weight
     torch.testing.assert_close(ours.language.lm_head.weight, head, rtol=0, atol=0)
-    prompts = _prompts(transformers.AutoConfig.from_pretrained(model_dir).text_config.vocab_size)
-    refs = _vlm_greedy(model_dir, prompts)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(model_dir)
+    assert ref.config.tie_word_embeddings, "config.json must still say tied"
+    assert ref.lm_head.weight.data_ptr() != ref.get_input_embeddings().weight.data_ptr()
+    prompts = _prompts(ref.config.text_config.vocab_size)
+    refs = hf_greedy(model_dir, prompts, MAX_NEW, auto=transformers.AutoModelForImageTextToText)
     for i, (got, (tokens, logits)) in enumerate(
-        zip(_engine_greedy(model_dir, workdir, prompts), refs, strict=True)
+        zip(engine_greedy(model_dir, workdir, prompts, MAX_NEW), refs, strict=True)
     ):
         compare_greedy(f"internvl tied config with own lm_head, prompt {i}", got, tokens, logits)
+
+
+def test_mistral_small_config_without_tie_key_unties_like_transformers(tmp_path, workdir) -> None:  # noqa: ANN001
+    """The published Mistral Small 3.1 config.json does not say tie_word_embeddings (transformers
+    5 reads True) and its checkpoint holds language_model.lm_head.weight: shrunk, with such a
+    head, greedy tokens identical to transformers, which unties."""
+    with open(os.path.join(MISTRAL_SMALL, "config.json")) as f:
+        assert "tie_word_embeddings" not in f.read()
+    model_dir = build_from_config(MISTRAL_SMALL, str(tmp_path / "mistral3"))
+    head = _with_own_head(model_dir, "language_model.lm_head.weight")
+    ours = load_model(model_dir, torch.float32, CPU)
+    assert ours.language.lm_head.weight is not ours.language.model.embed_tokens.weight
+    torch.testing.assert_close(ours.language.lm_head.weight, head, rtol=0, atol=0)
+    auto = transformers.AutoModelForImageTextToText
+    ref = auto.from_pretrained(model_dir)
+    assert ref.config.tie_word_embeddings
+    assert ref.lm_head.weight.data_ptr() != ref.get_input_embeddings().weight.data_ptr()
+    prompts = _prompts(ref.config.text_config.vocab_size)
+    refs = hf_greedy(model_dir, prompts, MAX_NEW, auto=auto)
+    for i, (got, (tokens, logits)) in enumerate(
+        zip(engine_greedy(model_dir, workdir, prompts, MAX_NEW), refs, strict=True)
+    ):
+        compare_greedy(
+            f"Mistral Small 3.1 config with own lm_head, prompt {i}", got, tokens, logits
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "llava"])

@@ -92,6 +92,11 @@ def shrink_vision(vision: dict, text_hidden: int, model_type: str) -> dict:
         return out | dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
         )
+    if model_type == "mistral3":  # Pixtral: images keep their pixels, patches and merging
+        return out | dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            head_dim=16,
+        )  # fmt: skip
     if model_type == "qwen2_vl":  # embed_dim inside; hidden_size is the merger's output
         return out | dict(depth=2, num_heads=2, embed_dim=32, hidden_size=text_hidden)
     if vision.get("model_type", "clip_vision_model") == "clip_vision_model":
