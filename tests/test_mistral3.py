@@ -39,6 +39,7 @@ from vlm_reference import (
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.models import checkpoint_spec
 from vlmserve.workers.demo_mistral3 import MERGE, PATCH, build_mistral3
+from vlmserve.workers.loader import load_model
 
 MAX_NEW = 10
 IMG, BREAK, END = 10, 12, 13  # [IMG], [IMG_BREAK], [IMG_END] at Mistral's ids
@@ -143,12 +144,12 @@ def test_lm_head_tied_only_when_the_checkpoint_has_nuser_turn(
 ) -> None:
     """Mistral Small 3.1's config.json (like the demo's) does not say tie_word_embeddings, which
     transformers' Mistral3Config reads as True, and its checkpoint holds its own lm_head, which
-    transformers loads untied: our config unties it too. Without an lm_head, both tie."""
+    transformers loads untied: the loader unties it too. Without an lm_head, both tie."""
     with open(os.path.join(checkpoint, "config.json")) as f:
         assert "tie_word_embeddings" not in json.load(f)
-    spec = checkpoint_spec(checkpoint)
     assert transformers.AutoConfig.from_pretrained(checkpoint).tie_word_embeddings
-    assert not spec.hf_config(checkpoint).tie_word_embeddings
+    ours = load_model(checkpoint, torch.float32, torch.device("cpu")).language
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     ref = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint)
     embed = ref.model.language_model.embed_tokens.weight
     assert not torch.equal(ref.lm_head.weight, embed)
@@ -159,7 +160,8 @@ def test_lm_head_tied_only_when_the_checkpoint_has_nuser_turn(
     assert len(head) == 1
     del weights[head[0]]
     save_file(weights, os.path.join(tied, "model.safetensors"), metadata={"format": "pt"})
-    assert spec.hf_config(tied).tie_word_embeddings
+    ours = load_model(tied, torch.float32, torch.device("cpu")).language
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
     ref = transformers.AutoModelForImageTextToText.from_pretrained(tied)
     assert ref.lm_head.weight.data_ptr() == ref.model.language_model.embed_tokens.weight.data_ptr()
 

@@ -19,10 +19,7 @@ pixels): any number of images of any sizes batch along the first dimension.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import struct
 from typing import Any
 
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
@@ -105,32 +102,10 @@ class Mistral3Images:
         }
 
 
-def tensor_names(model_dir: str) -> set[str]:
-    """The names of every tensor in the checkpoint's safetensors files, from their headers (an
-    8-byte little-endian length, then that many bytes of JSON), without reading any weight."""
-    names: set[str] = set()
-    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            names |= set(json.loads(f.read(length))) - {"__metadata__"}
-    return names
-
-
 class Mistral3Spec(ModelSpec):
     family = "mistral3"
     architectures = ("Mistral3ForConditionalGeneration",)
     text_decoders = LLAMA_FAMILY_DECODERS
-
-    def hf_config(self, model_dir: str) -> Any:
-        """Mistral Small 3.1's config.json does not say `tie_word_embeddings`, so transformers
-        5's Mistral3Config reads its default, True; its checkpoint holds an lm_head of its own,
-        which transformers then loads untied. Tied here only when the checkpoint has none."""
-        config = super().hf_config(model_dir)
-        if config.tie_word_embeddings and any(
-            name.endswith("lm_head.weight") for name in tensor_names(model_dir)
-        ):
-            config.tie_word_embeddings = False
-        return config
 
     def image_processor(self, model_dir: str) -> ImageProcessor:
         return Mistral3Images(model_dir, self.hf_config(model_dir))
