@@ -240,3 +240,25 @@ def test_text_decoder_logits_equal_transformers(text_checkpoint: str) -> None:
         with torch.no_grad(), step_context(metadata, backend):
             logits = ours.compute_logits(ours(ids, metadata.positions))
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_tp2_served_like_transformers(checkpoint: str, tmp_path_factory) -> None:  # noqa: ANN001
+    """At --tp 2 (gloo; 2 query heads and 1 KV head per rank, the vocabulary split): a prompt
+    of several windows with an image and one of text only, in 11-token steps, give
+    transformers' greedy tokens."""
+    chats = [CHATS[4], CHATS[3]]
+    ref = VLMReference(checkpoint)
+    expected = [ref.greedy(msgs, [make_images()[i] for i in idx], MAX_NEW) for msgs, idx in chats]
+    texts = [ref.text(tokens) for _, tokens in expected]
+    del ref
+    config = local_config(
+        checkpoint, str(tmp_path_factory.mktemp("tp2")), tp=2, max_batched_tokens=11,
+        max_batch_size=4, block_size=4, num_kv_blocks=512,
+    )  # fmt: skip
+    with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:
+        replies = greedy_chats(
+            srv["url"], [with_image_urls(m, make_images(), None) for m, _ in chats], MAX_NEW
+        )
+    for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
+        assert reply.usage.prompt_tokens == prompt_len, f"chat {i}: prompt tokens"
+        assert reply.choices[0].message.content == texts[i], f"chat {i}: transformers' {tokens}"
