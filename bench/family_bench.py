@@ -4,10 +4,11 @@ request, the workers' encoder cache on and off.
     .venv/bin/python bench/family_bench.py [--families qwen2_vl,llava] [--num-requests 12]
     .venv/bin/python bench/family_bench.py --quick --families qwen2_vl,llava   # the test's run
 
-The families are the vision `--arch` choices of `vlmserve demo-checkpoint` (its text-only ones
-left out), read from the builder itself, so a family the builder learns joins this benchmark
-with nothing to add here. Each checkpoint is built fresh into a temporary folder by the same
-command, then served twice: with the encoder cache (--encoder-cache-mb 1024) and without (0).
+The families are the `--arch` choices of `vlmserve demo-checkpoint` less its plain text ones,
+read from the builder itself, so a family the builder learns joins this benchmark with nothing
+to add here. Each checkpoint is built fresh into a temporary folder by the same command; one
+whose frontend takes no images (a text-only Gemma 3) is listed as skipped; the others are
+served twice: with the encoder cache (--encoder-cache-mb 1024) and without (0).
 
 Each server gets a warm-up, then one run per image count: --num-requests streamed chats, at
 most --concurrency in flight, each showing 1 (or 3) seeded random PNGs drawn from a pool of
@@ -48,6 +49,7 @@ from report import free_port, write_json
 from serve_client import Prompt, run_load, summarize
 
 from vlmserve.deploy.launcher import server
+from vlmserve.frontend.prompts import Prompter
 from vlmserve.shared.config import Config, new_run_id
 from vlmserve.workers import demo_checkpoint
 
@@ -56,8 +58,9 @@ QUICK = dict(num_requests=3, distinct_images=2, image_sizes="320x240", output_le
              concurrency=3)  # fmt: skip
 
 
-def vision_families() -> list[str]:
-    """The builder's vision --arch choices, in its order (its --help, less the text ARCHES)."""
+def builder_families() -> list[str]:
+    """The builder's --arch choices in its order (its --help), less its plain text ARCHES: the
+    candidates. One whose checkpoint takes no images (a text Gemma 3) is found out built."""
     text = io.StringIO()
     with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
         demo_checkpoint.main(["--help"])
@@ -75,6 +78,11 @@ def build_family(arch: str, out_dir: str) -> str:
         demo_checkpoint.main([out_dir, "--arch", arch])
     root.setLevel(level)  # its main() sets INFO for everything (httpx would log each request)
     return out_dir
+
+
+def takes_images(model_dir: str) -> bool:
+    """What the frontend asks before it takes an image part (frontend/routes/chat.py)."""
+    return Prompter(model_dir, 4096).images is not None
 
 
 def chats(n: int, per_request: int, pool: list[bytes], output_len: int, seed: int) -> list[dict]:
@@ -136,16 +144,16 @@ def start_servers(configs: list[Config], tmp: str) -> tuple[contextlib.ExitStack
 
 
 def bench_family(
-    arch: str, args: argparse.Namespace, sizes: list, stopping: list[threading.Thread]
-) -> Iterator[dict]:
-    """Build `arch`, serve it with the encoder cache on and off; a row per (images, cache).
+    model_dir: str, tmp: str, args: argparse.Namespace, sizes: list,
+    stopping: list[threading.Thread],
+) -> Iterator[dict]:  # fmt: skip
+    """Serve the checkpoint with the encoder cache on and off; a row per (images, cache).
 
     The two servers start together, while the last family's stop in the background (a stop
     is mostly waiting on Gunicorn); nothing is measured until those have stopped, and these
-    are left to stop the same way (joined from `stopping`)."""
-    tmp = tempfile.mkdtemp(prefix=f"family-bench-{arch}-")
+    are left to stop the same way (joined from `stopping`), then `tmp` removed."""
+    arch = os.path.basename(model_dir)
     try:
-        model_dir = build_family(arch, os.path.join(tmp, arch))
         pools = {k: image_pool(args.distinct_images, sizes, args.seed + k) for k in (1, 3)}
         alone = preprocessing_ms(model_dir, pools[1])
         configs = [
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    known = vision_families()
+    known = builder_families()
     families = [f for f in args.families.split(",") if f] or known
     unknown = sorted(set(families) - set(known))
     if unknown:
@@ -246,11 +254,25 @@ def main(argv: list[str] | None = None) -> None:
         "families": families,
         "load_avg_1m_before": os.getloadavg()[0],
         "rows": rows,
+        "skipped": {},
     }
     stopping: list[threading.Thread] = []
     try:
         for family in families:
-            for row in bench_family(family, args, sizes, stopping):
+            tmp = tempfile.mkdtemp(prefix=f"family-bench-{family}-")
+            try:
+                model_dir = build_family(family, os.path.join(tmp, family))
+                images = takes_images(model_dir)
+            except BaseException:
+                shutil.rmtree(tmp)
+                raise
+            if not images:
+                shutil.rmtree(tmp)
+                report["skipped"][family] = "its frontend takes no images"
+                total -= 4
+                print(f"{family}: skipped, its frontend takes no images", flush=True)
+                continue
+            for row in bench_family(model_dir, tmp, args, sizes, stopping):
                 rows.append(row)
                 progress(row)
     finally:

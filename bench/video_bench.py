@@ -3,8 +3,8 @@
     .venv/bin/python bench/video_bench.py [--num-requests 16] [--concurrency 4] [--families ...]
 
 On each demo checkpoint that takes videos (default: every vision family of `vlmserve
-demo-checkpoint`, as bench/family_bench.py finds them, whose frontend accepts video parts; the
-others are listed as skipped, with why), built fresh and served once, each request carries its own
+demo-checkpoint` as bench/family_bench.py finds them, whose frontend accepts video parts; the
+others are listed as skipped), built fresh and served once, each request carries its own
 seeded clip (moving shapes over noise, H.264 in MP4, --size pixels, 8 fps) as a base64 data
 URL with `fps` 8, so every frame is sampled and no request hits the encoder or prefix cache
 of another. For each frame count: requests/s and TTFT through the server (--video-max-frames
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import av
 import msgspec
 import numpy as np
-from family_bench import build_family, vision_families
+from family_bench import build_family, builder_families
 from report import free_port, write_json
 from serve_client import Prompt, run_load, summarize
 
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "video.json"))
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
-    known = vision_families()
+    known = builder_families()
     families = [f for f in args.families.split(",") if f] or known
     if set(families) - set(known):
         parser.error(f"unknown families {sorted(set(families) - set(known))}; choose from {known}")
@@ -146,8 +146,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = build_family(family, os.path.join(tmp, family))
             if not takes_videos(model_dir):
-                report["skipped"][family] = "its frontend refuses video parts"
-                print(f"{family}: skipped, its frontend refuses video parts", flush=True)
+                report["skipped"][family] = "its frontend takes no videos"
+                print(f"{family}: skipped, its frontend takes no videos", flush=True)
                 continue
             print(f"{family}: frontend ...", flush=True)
             front = {n: frontend_ms(model_dir, clips[n][:4], n) for n in frame_counts}

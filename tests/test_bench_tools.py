@@ -88,8 +88,8 @@ def test_vllm_environment() -> None:
     assert all(os.path.isfile(lib) for lib in env["LD_PRELOAD"].split(":") if lib)
 
 
-def test_vision_families_come_from_the_builder() -> None:
-    families = family_bench.vision_families()
+def test_families_come_from_the_builder() -> None:
+    families = family_bench.builder_families()
     assert {"llava", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "mistral3"} <= set(families)
     assert not set(families) & set(demo_checkpoint.ARCHES), families
 
