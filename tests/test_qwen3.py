@@ -94,11 +94,13 @@ def _with_urls(messages: list[dict]) -> list[dict]:
     return out
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_qwen3_vl_tp2_prefill_chunks_through_images(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, moe: bool
 ) -> None:
+    """At --tp 2; with `moe`, Qwen3-VL-MoE: every expert's intermediate dimension split."""
     root = tmp_path_factory.mktemp("qwen3-vl-chunks")
-    model_dir = build_qwen3_vl(str(root / "ckpt"))
+    model_dir = build_qwen3_vl(str(root / "ckpt"), moe=moe)
     ref = VLMReference(model_dir)
     chats = _chats()
     expected = [ref.greedy(messages, _images()[:count], MAX_NEW) for messages, count in chats]

@@ -59,6 +59,7 @@ BUILDERS = {
     "qwen2_vl": lambda d: build_qwen2_vl(d),
     "qwen2_5_vl": lambda d: build_qwen2_vl(d, v2_5=True),
     "qwen3_vl": lambda d: build_qwen3_vl(d),
+    "qwen3_vl_moe": lambda d: build_qwen3_vl(d, moe=True),  # 8 experts, top 2
     "internvl": lambda d: build_internvl(d),  # InternVL3: Qwen2 decoder
     "internvl3_5": lambda d: build_internvl(d, text_arch="qwen3"),
     # InternVL -hf checkpoints converted from InternLM2 decoders carry a Llama text config.

@@ -19,7 +19,16 @@ PATCH, MERGE = 16, 2
 TOKEN_PIXELS = (PATCH * MERGE) ** 2  # one placeholder token per merged 32x32 patch
 
 
-def build_qwen3_vl(out_dir: str, seed: int = 0) -> str:
+# The MoE variant (`Qwen3VLMoeForConditionalGeneration`): 8 experts, top 2, 3 layers of which
+# the middle one keeps a dense MLP (mlp_only_layers), so both kinds of layer are exercised.
+MOE = dict(
+    num_hidden_layers=3, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+    decoder_sparse_step=1, mlp_only_layers=[1],
+)  # fmt: skip
+
+
+def build_qwen3_vl(out_dir: str, seed: int = 0, moe: bool = False) -> str:
+    """The dense checkpoint, or with `moe` the Qwen3-VL-MoE one."""
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = fast_tokenizer(512, special, None, "<|im_end|>", seed)
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -33,12 +42,15 @@ def build_qwen3_vl(out_dir: str, seed: int = 0) -> str:
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
+    if moe:
+        text |= MOE
     vision = dict(
         depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
         patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
         num_position_embeddings=64, deepstack_visual_indexes=[0, 2], initializer_range=0.2,
     )  # fmt: skip
-    config = transformers.Qwen3VLConfig(
+    config_class = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    config = config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -48,7 +60,12 @@ def build_qwen3_vl(out_dir: str, seed: int = 0) -> str:
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    model_class = (
+        transformers.Qwen3VLMoeForConditionalGeneration
+        if moe
+        else transformers.Qwen3VLForConditionalGeneration
+    )
+    model = model_class(config).eval()
     images = transformers.Qwen2VLImageProcessorPil(
         size={"shortest_edge": 4 * TOKEN_PIXELS, "longest_edge": 64 * TOKEN_PIXELS},
         patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,

@@ -23,8 +23,8 @@ from vlmserve.workers.demo_checkpoint import fast_tokenizer
 log = logging.getLogger("vlmserve.demo_vlm")
 
 VISION_ARCHES = (
-    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_original",
-    "llava_original_1_5",
+    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+    "llava_original", "llava_original_1_5",
 )  # fmt: skip
 
 TEXT = dict(
@@ -269,8 +269,8 @@ def build_vision_checkpoint(out_dir: str, arch: str, seed: int = 0) -> str:
         return build_llava_original(out_dir, out_dir.rstrip("/") + "-hf-twin", seed, version)
     if arch in ("llava", "llava_next"):
         return build_llava(out_dir, next_=arch == "llava_next", seed=seed)
-    if arch == "qwen3_vl":
+    if arch in ("qwen3_vl", "qwen3_vl_moe"):
         from vlmserve.workers.demo_qwen3_vl import build_qwen3_vl  # it imports this module
 
-        return build_qwen3_vl(out_dir, seed=seed)
+        return build_qwen3_vl(out_dir, seed=seed, moe=arch == "qwen3_vl_moe")
     return build_qwen2_vl(out_dir, v2_5=arch == "qwen2_5_vl", seed=seed)

@@ -1,7 +1,7 @@
 """Qwen3-VL: Qwen2-VL's image side (one `<|image_pad|>` per merged 2x2 patch between
 `<|vision_start|>` and `<|vision_end|>`), sized by the image processor's `size`
 (`shortest_edge` / `longest_edge` in pixels) with 16-pixel patches; interleaved multimodal RoPE
-and DeepStack are the compute side's.
+and DeepStack are the compute side's. Qwen3-VL-MoE has the same input side.
 
 Videos as Qwen3VLProcessor writes them: frames sampled by Qwen3VLVideoProcessor's rule (an even
 spread, frontend/video.py), sized as a whole (shared/models/video.py's video_frame_size), and
@@ -89,4 +89,12 @@ class Qwen3VLSpec(Qwen2VLSpec):
         return Qwen3VLImages(model_dir, self.hf_config(model_dir))
 
 
-SPECS = [Qwen3VLSpec()]
+class Qwen3VLMoeSpec(Qwen3VLSpec):
+    """Qwen3-VL-MoE (Qwen3-VL-30B-A3B, 235B-A22B): Qwen3-VL's input side; its decoder's MLPs are
+    mixtures of experts (the compute side's)."""
+
+    family = "qwen3_vl_moe"
+    architectures = ("Qwen3VLMoeForConditionalGeneration",)
+
+
+SPECS = [Qwen3VLSpec(), Qwen3VLMoeSpec()]

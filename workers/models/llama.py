@@ -6,6 +6,7 @@ Mistral and Qwen2 (use_sliding_window) by a sliding window in some or all layers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,12 +109,13 @@ class LlamaDecoderLayer(nn.Module):
         layer_idx: int,
         qk_norm: bool,
         sliding_window: int | None = None,
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, qkv_bias, layer_idx, qk_norm, sliding_window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config) if mlp is None else mlp
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x))
@@ -121,13 +123,21 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool = False) -> None:
+    def __init__(
+        self,
+        config: Any,
+        qkv_bias: bool,
+        qk_norm: bool = False,
+        layer_mlp: Callable[[Any, int], nn.Module | None] | None = None,
+    ) -> None:
+        """`layer_mlp(config, layer index)`: a layer's MLP where it is not Llama's (None)."""
         super().__init__()
         head_dim = head_dim_of(config)
         self.rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        mlp = layer_mlp or (lambda config, i: None)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, i, qk_norm, window)
+            LlamaDecoderLayer(config, qkv_bias, i, qk_norm, window, mlp(config, i))
             for i, window in enumerate(sliding_windows(config))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -165,10 +175,14 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias=bias, qk_norm=self.qk_norm)
+        self.model = LlamaModel(config, bias, self.qk_norm, self.layer_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def layer_mlp(self, config: Any, layer_idx: int) -> nn.Module | None:
+        """A layer's MLP where it is not Llama's gated one (a mixture of experts); None."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

@@ -1,5 +1,6 @@
-"""Qwen3-VL: transformers' ViT (learned position grid, 2D RoPE, patch merger, DeepStack mergers)
-and our Qwen3 decoder with interleaved multimodal RoPE and DeepStack.
+"""Qwen3-VL and Qwen3-VL-MoE: transformers' ViT (learned position grid, 2D RoPE, patch merger,
+DeepStack mergers) and our Qwen3 decoder with interleaved multimodal RoPE and DeepStack (with
+mixture-of-experts MLPs in the MoE variant, workers/layers/moe.py).
 
 Videos: the frames' rows go to the `<|video_pad|>`s of the video's span (the timestamps and
 vision start/end tokens between temporal patches keep their own embeddings), and
@@ -15,7 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
+from vlmserve.workers.layers.moe import SparseMoeBlock
 from vlmserve.workers.layers.rotary import rope_parameters
 from vlmserve.workers.models.llama import Qwen3ForCausalLM
 from vlmserve.workers.models.qwen2_vl import NAME_PREFIXES, Qwen2VLModel
@@ -44,6 +47,26 @@ class Qwen3VLTextForCausalLM(Qwen3ForCausalLM):
         super().__init__(config)
 
 
+class Qwen3VLMoeTextForCausalLM(Qwen3VLTextForCausalLM):
+    """Qwen3-VL-MoE's decoder: a mixture of experts as the MLP of every `decoder_sparse_step`-th
+    layer not in `mlp_only_layers`, Llama's gated MLP in the others."""
+
+    def layer_mlp(self, config: Any, layer_idx: int) -> nn.Module | None:
+        sparse = (
+            layer_idx not in (config.mlp_only_layers or [])
+            and config.num_experts > 0
+            and (layer_idx + 1) % config.decoder_sparse_step == 0
+        )
+        if not sparse:
+            return None
+        return SparseMoeBlock(
+            config.hidden_size,
+            config.moe_intermediate_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+        )
+
+
 class Qwen3VLModel(Qwen2VLModel):
     vision_half = "Qwen3VLModel"
     name_prefixes = NAME_PREFIXES
@@ -57,3 +80,9 @@ class Qwen3VLModel(Qwen2VLModel):
     def decoder_class(self, text_config: Any) -> type[Qwen3ForCausalLM]:
         return Qwen3VLTextForCausalLM
 
+
+class Qwen3VLMoeModel(Qwen3VLModel):
+    vision_half = "Qwen3VLMoeModel"
+
+    def decoder_class(self, text_config: Any) -> type[Qwen3ForCausalLM]:
+        return Qwen3VLMoeTextForCausalLM

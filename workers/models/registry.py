@@ -21,7 +21,7 @@ from vlmserve.workers.models.llava import LlavaModel, LlavaNextModel
 from vlmserve.workers.models.llava_original import LlavaOriginalModel
 from vlmserve.workers.models.mistral3 import Mistral3Model
 from vlmserve.workers.models.qwen2_vl import Qwen2VLModel, Qwen25VLModel
-from vlmserve.workers.models.qwen3_vl import Qwen3VLModel
+from vlmserve.workers.models.qwen3_vl import Qwen3VLModel, Qwen3VLMoeModel
 
 COMPUTE: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -34,6 +34,7 @@ COMPUTE: dict[str, type[nn.Module]] = {
     "qwen2_vl": Qwen2VLModel,
     "qwen2_5_vl": Qwen25VLModel,
     "qwen3_vl": Qwen3VLModel,
+    "qwen3_vl_moe": Qwen3VLMoeModel,
     "internvl": InternVLModel,
     "idefics3": Idefics3Model,
     "smolvlm": SmolVLMModel,
