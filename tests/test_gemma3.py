@@ -262,3 +262,38 @@ def test_tp2_served_like_transformers(checkpoint: str, tmp_path_factory) -> None
     for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
         assert reply.usage.prompt_tokens == prompt_len, f"chat {i}: prompt tokens"
         assert reply.choices[0].message.content == texts[i], f"chat {i}: transformers' {tokens}"
+
+
+def test_what_we_do_not_compute_is_refused_at_start(checkpoint: str, tmp_path) -> None:  # noqa: ANN001
+    """Attention logit soft-capping (Gemma 2's; Gemma 3 sets none) and an image longer than the
+    sliding window (where transformers' masks and ours would part) are refused by
+    `serve api_server` in one line; the spec's and the model's both-ways flags agree."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from vlmserve.workers.models.registry import build_model
+
+    spec = checkpoint_spec(checkpoint)
+    with torch.device("meta"):
+        model = build_model(spec, spec.hf_config(checkpoint))
+    assert spec.bidirectional_images and model.bidirectional_images
+    for name, change, words in (
+        ("softcap", {"attn_logit_softcapping": 50.0}, "soft-capping is not supported"),
+        ("window", {"sliding_window": SOFT_TOKENS - 1}, "longer than sliding_window"),
+    ):
+        bad = str(tmp_path / name)
+        shutil.copytree(checkpoint, bad)
+        with open(os.path.join(bad, "config.json")) as f:
+            config = json.load(f)
+        config["text_config"] |= change
+        with open(os.path.join(bad, "config.json"), "w") as f:
+            json.dump(config, f)
+        out = subprocess.run(
+            [sys.executable, "-m", "vlmserve", "serve", "api_server", bad],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and len(lines) == 1, out.stderr
+        assert words in lines[0], lines[0]
