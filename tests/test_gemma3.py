@@ -118,6 +118,17 @@ def test_prompt_and_pixels_as_transformers_processor(checkpoint: str) -> None:
             np.testing.assert_array_equal(p.arrays["pixel_values"][0], theirs["pixel_values"][i])
 
 
+def test_model_info_of_the_published_gemma_3_4b_it() -> None:
+    """gemma-3-4b-it's published files: eos from generation_config.json (<eos> and
+    <end_of_turn>), transformers' default context (config.json names none; its window does not
+    shorten a session), images both ways."""
+    real = os.path.join(os.path.dirname(__file__), "data", "realconfigs", "google__gemma-3-4b-it")
+    spec = checkpoint_spec(real)
+    info = spec.model_info(real)
+    assert info.architecture == "Gemma3ForConditionalGeneration" and spec.bidirectional_images
+    assert info.eos_token_ids == [1, 106] and info.max_position_embeddings == 131072
+
+
 def test_typed_image_markers_are_refused(checkpoint: str) -> None:
     """A <start_of_image> typed into the text (placeholders that do not pair with the images)
     is a ValueError, which the frontend answers with a 400 naming `messages`."""
