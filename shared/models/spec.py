@@ -122,12 +122,9 @@ class ModelSpec:
         )
 
     def max_context(self, text: dict) -> int:
-        max_len = int(text.get("max_position_embeddings", 4096))
-        window = text.get("sliding_window")
-        if window and text.get("use_sliding_window", True):
-            # Attention here is over the whole context: cap requests at the window instead.
-            max_len = min(max_len, int(window))
-        return max_len
+        """The positions the model was trained for; a sliding window does not shorten a
+        session (the attention layers apply it, workers/layers/attention.py)."""
+        return int(text.get("max_position_embeddings", 4096))
 
     def image_processor(self, model_dir: str) -> ImageProcessor | None:
         """The image side of a vision-language family; None for a text-only one."""
