@@ -118,9 +118,9 @@ def test_registry_refuses_an_unknown_architecture_naming_the_supported_ones() ->
     from vlmserve.shared.models import UnsupportedArchitecture, spec_for, supported_architectures
 
     with pytest.raises(UnsupportedArchitecture) as err:
-        spec_for("Gemma3ForConditionalGeneration")
+        spec_for("MllamaForConditionalGeneration")
     message = str(err.value)
-    assert "'Gemma3ForConditionalGeneration'" in message
+    assert "'MllamaForConditionalGeneration'" in message
     assert all(name in message for name in supported_architectures())
 
 

@@ -100,7 +100,6 @@ def _save(model: torch.nn.Module, tok: transformers.PreTrainedTokenizerFast, out
 def build_gemma3_text(out_dir: str, seed: int = 0) -> str:
     tok = _tokenizer(seed)
     config = transformers.Gemma3TextConfig(**_text_config(tok))
-    config.architectures = ["Gemma3ForCausalLM"]
     torch.manual_seed(seed)
     _save(transformers.Gemma3ForCausalLM(config).eval(), tok, out_dir)
     return out_dir
