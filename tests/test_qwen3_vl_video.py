@@ -10,6 +10,7 @@ Qwen3VLProcessor.replace_video_token) on stand-ins for the processor objects, an
 
 from __future__ import annotations
 
+import os
 import re
 import types
 
@@ -32,12 +33,14 @@ from vlm_reference import data_url, greedy_chats
 from vlmserve.deploy.launcher import server
 from vlmserve.frontend.video import Sampling, decode_video, sample_indices
 from vlmserve.shared.models import checkpoint_spec
+from vlmserve.shared.models.spec import read_json
 from vlmserve.shared.models.video import video_frame_size
 from vlmserve.workers.demo_qwen3_vl import build_qwen3_vl
 
 MAX_NEW = 10
 WIDTH, HEIGHT = 96, 64  # multiples of 32 within the demo's video bounds: no resizing
 PADS = ("<|image_pad|>", "<|video_pad|>")
+REALCONFIGS = os.path.join(os.path.dirname(__file__), "data", "realconfigs")
 
 
 def processor_indices(total: int, native_fps: float, fps: float, max_frames: int) -> list[int]:
@@ -131,6 +134,7 @@ def reference_greedy(model_dir: str, cases: list[tuple[list[dict], list, list]])
                 grid = arrays["video_grid_thw"][0].tolist()
                 piece = processor_video_text(grid, indices, native_fps)
             pieces.append(piece)
+        assert next(clips, None) is None, "the chat template wrote fewer videos than given"
         ids = tokenizer("".join(pieces), return_tensors="pt")["input_ids"]
         mm = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
         with torch.no_grad():
@@ -230,3 +234,44 @@ def test_qwen3_vl_video_matches_transformers(tmp_path) -> None:  # noqa: ANN001
                 extra_body=fields.get(i),
             )  # fmt: skip
             check(f"one at a time (cached), request {i}", reply, expected[i])
+
+
+def test_real_config_video_matches_transformers(tmp_path) -> None:  # noqa: ANN001
+    """A tiny checkpoint from Qwen3-VL-8B-Instruct's published files (its chat template, its
+    video_preprocessor_config.json's size) serves a video alone and one beside an image like
+    transformers generate, in flight together."""
+    from vlmserve.workers.demo_real import build_from_config
+
+    published = os.path.join(REALCONFIGS, "Qwen__Qwen3-VL-8B-Instruct")
+    model_dir = build_from_config(published, str(tmp_path / "ckpt"))
+    images = checkpoint_spec(model_dir).image_processor(model_dir)
+    assert (
+        images.video_size
+        == read_json(os.path.join(published, "video_preprocessor_config.json"))["size"]
+    )
+    clip = make_clip(width=WIDTH, height=HEIGHT)  # 8 frames at 4 fps, no resizing
+    frames = all_frames(clip)
+    default = processor_indices(len(frames), 4.0, 2.0, 32)
+    every = processor_indices(len(frames), 4.0, 4.0, 32)
+    cases = [
+        ([{"role": "user", "content": [video_part(video_data_url(clip)),
+                                       {"type": "text", "text": "what moves"}]}],
+         [(frames[default], default, 4.0)], []),
+        ([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(image())}},
+            video_part(video_data_url(clip), fps=4), {"type": "text", "text": "compare"}]}],
+         [(frames[every], every, 4.0)], [image()]),
+    ]  # fmt: skip
+    expected = reference_greedy(model_dir, cases)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    config = local_config(model_dir, tmp_path, num_kv_blocks=256, block_size=4)
+    with server(config, str(tmp_path / "server.log")) as srv:
+        replies = greedy_chats(srv["url"], [messages for messages, _, _ in cases], MAX_NEW)
+    for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
+        assert reply.usage.prompt_tokens == prompt_len, f"request {i}: prompt tokens"
+        want = tokenizer.decode(tokens, skip_special_tokens=True)
+        got = reply.choices[0].message.content
+        assert got == want, (
+            f"request {i}: {got!r} differs from transformers' greedy {want!r} (tokens {tokens}) "
+            f"from character {first_difference(got, want)}"
+        )

@@ -31,6 +31,7 @@ from vlmserve.workers.demo_checkpoint import training_text
 COPIED = (
     "preprocessor_config.json", "processor_config.json", "chat_template.json",
     "chat_template.jinja", "special_tokens_map.json", "added_tokens.json",
+    "video_preprocessor_config.json",
 )  # fmt: skip
 TEXT_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 HEAD_DIM = 16  # hidden_size / num_attention_heads
