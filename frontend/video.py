@@ -5,10 +5,10 @@ guard, data: URLs, local files under --allowed-local-media-path) with their own 
 Sampling follows the model's video processor: Qwen2-VL's (`fps` frames a second of video, at
 most `max_frames`, a multiple of the model's temporal patch, evenly stepped) or Qwen3-VL's
 (`linspace`: the same count without the rounding, spread from the first frame to the last), and
-only the sampled frames are
-converted to RGB, so a long clip costs its compressed bytes, not its decoded ones. Every
-failure is the client's: a 400 with param "messages" naming the problem (not a video, no video
-stream, corrupt, too long, too large, frames too big), never a 500 and never a worker crash.
+only the sampled frames are converted to RGB, so a long clip costs its compressed bytes, not its
+decoded ones. Every failure is the client's: a 400 with param "messages" naming the problem (not
+a video, no video stream, corrupt, too long, too large, frames too big), never a 500 and never a
+worker crash.
 """
 
 from __future__ import annotations
