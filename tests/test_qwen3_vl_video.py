@@ -21,7 +21,16 @@ import torch
 import transformers
 from PIL import Image
 from server_fixtures import file_server, local_config
-from test_video import all_frames, first_difference, make_clip, reference_video, video_data_url
+from test_video import (
+    MAX_NEW,
+    all_frames,
+    chat_text,
+    check_reply,
+    greedy_ids,
+    make_clip,
+    reference_video,
+    video_data_url,
+)
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
     Qwen3VLVideoProcessor,
@@ -37,7 +46,6 @@ from vlmserve.shared.models.spec import read_json
 from vlmserve.shared.models.video import video_frame_size
 from vlmserve.workers.demo_qwen3_vl import build_qwen3_vl
 
-MAX_NEW = 10
 WIDTH, HEIGHT = 96, 64  # multiples of 32 within the demo's video bounds: no resizing
 PADS = ("<|image_pad|>", "<|video_pad|>")
 REALCONFIGS = os.path.join(os.path.dirname(__file__), "data", "realconfigs")
@@ -108,14 +116,9 @@ def reference_greedy(model_dir: str, cases: list[tuple[list[dict], list, list]])
     model = transformers.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ip = transformers.AutoImageProcessor.from_pretrained(model_dir)
-    config, out = model.config, []
+    out = []
     for messages, videos, images in cases:
-        turns = [
-            {"role": m["role"], "content": [{"type": p["type"].removesuffix("_url")}
-                                            if p["type"] != "text" else p for p in m["content"]]}
-            for m in messages
-        ]  # fmt: skip
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        text = chat_text(tokenizer, messages)
         inputs: dict = {}
         if images:
             inputs |= dict(ip(images=images, return_tensors="pt"))
@@ -136,13 +139,7 @@ def reference_greedy(model_dir: str, cases: list[tuple[list[dict], list, list]])
             pieces.append(piece)
         assert next(clips, None) is None, "the chat template wrote fewer videos than given"
         ids = tokenizer("".join(pieces), return_tensors="pt")["input_ids"]
-        mm = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                max_new_tokens=MAX_NEW, do_sample=False, **inputs,
-            )  # fmt: skip
-        out.append((ids.shape[1], gen[0, ids.shape[1] :].tolist()))
+        out.append(greedy_ids(model, ids, inputs))
     return out
 
 
@@ -200,17 +197,6 @@ def test_qwen3_vl_video_matches_transformers(tmp_path) -> None:  # noqa: ANN001
                 if part["type"] == "video_url":
                     part["video_url"]["url"] = urls[part["video_url"]["url"]]
 
-        def check(label: str, reply, want: tuple[int, list[int]]) -> None:  # noqa: ANN001
-            prompt_len, tokens = want
-            assert reply.usage.prompt_tokens == prompt_len, label
-            assert reply.usage.completion_tokens == len(tokens), label
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            got = reply.choices[0].message.content
-            assert got == text, (
-                f"{label}: {got!r} differs from transformers' greedy {text!r} (tokens {tokens}) "
-                f"from character {first_difference(got, text)}"
-            )
-
         # In flight at once: the third request's sampling in its part (greedy_chats sends no
         # request-wide fields).
         at_once = [messages for messages, _, _ in cases]
@@ -218,7 +204,7 @@ def test_qwen3_vl_video_matches_transformers(tmp_path) -> None:  # noqa: ANN001
             video_part(urls["HTTP"], fps=4, max_frames=6),
             {"type": "text", "text": "first frames"}]}]  # fmt: skip
         for i, reply in enumerate(greedy_chats(srv["url"], at_once, MAX_NEW)):
-            check(f"in flight, request {i}", reply, expected[i])
+            check_reply(tokenizer, f"in flight, request {i}", reply, expected[i])
         client = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.BadRequestError) as err:
             one_frame = [video_part(video_data_url(make_clip(frames=1, width=WIDTH, height=64)))]
@@ -233,7 +219,7 @@ def test_qwen3_vl_video_matches_transformers(tmp_path) -> None:  # noqa: ANN001
                 model="ckpt", messages=messages, max_tokens=MAX_NEW, temperature=0,
                 extra_body=fields.get(i),
             )  # fmt: skip
-            check(f"one at a time (cached), request {i}", reply, expected[i])
+            check_reply(tokenizer, f"one at a time (cached), request {i}", reply, expected[i])
 
 
 def test_real_config_video_matches_transformers(tmp_path) -> None:  # noqa: ANN001
@@ -267,11 +253,5 @@ def test_real_config_video_matches_transformers(tmp_path) -> None:  # noqa: ANN0
     config = local_config(model_dir, tmp_path, num_kv_blocks=256, block_size=4)
     with server(config, str(tmp_path / "server.log")) as srv:
         replies = greedy_chats(srv["url"], [messages for messages, _, _ in cases], MAX_NEW)
-    for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
-        assert reply.usage.prompt_tokens == prompt_len, f"request {i}: prompt tokens"
-        want = tokenizer.decode(tokens, skip_special_tokens=True)
-        got = reply.choices[0].message.content
-        assert got == want, (
-            f"request {i}: {got!r} differs from transformers' greedy {want!r} (tokens {tokens}) "
-            f"from character {first_difference(got, want)}"
-        )
+    for i, (reply, want) in enumerate(zip(replies, expected, strict=True)):
+        check_reply(tokenizer, f"request {i}", reply, want)

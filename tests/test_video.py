@@ -146,12 +146,7 @@ def greedy_one(
     config = model.config
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ip = transformers.AutoImageProcessor.from_pretrained(model_dir)
-    turns = [
-        {"role": m["role"], "content": [{"type": p["type"].removesuffix("_url")}
-                                        if p["type"] != "text" else p for p in m["content"]]}
-        for m in messages
-    ]  # fmt: skip
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    text = chat_text(tokenizer, messages)
     inputs: dict = {}
     counts = {"<|image_pad|>": [], "<|video_pad|>": []}
     if images:
@@ -169,6 +164,24 @@ def greedy_one(
         assert len(parts) == len(sizes) + 1
         text = parts[0] + "".join(pad * n + rest for n, rest in zip(sizes, parts[1:], strict=True))
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    return greedy_ids(model, ids, inputs)
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:  # noqa: ANN001
+    """The chat template's text for OpenAI-style messages (image_url / video_url parts as the
+    template's image / video)."""
+    turns = [
+        {"role": m["role"], "content": [{"type": p["type"].removesuffix("_url")}
+                                        if p["type"] != "text" else p for p in m["content"]]}
+        for m in messages
+    ]  # fmt: skip
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+def greedy_ids(model, ids: torch.Tensor, inputs: dict) -> tuple[int, list[int]]:  # noqa: ANN001
+    """transformers generate's (prompt tokens, greedy tokens) for prompt `ids` [1, tokens] and
+    the processor's arrays."""
+    config = model.config
     mm = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
     with torch.no_grad():
         out = model.generate(
@@ -237,20 +250,27 @@ def test_video_matches_transformers(tmp_path, v2_5: bool) -> None:  # noqa: ANN0
                     extra_body=REQUEST_FIELDS.get(i),
                 )  # fmt: skip
                 label = f"{round_} round, request {i} ({len(vids[0][0])} frames)"
-                assert reply.usage.prompt_tokens == prompt_len, label
-                assert reply.usage.completion_tokens == len(tokens), label
-                want = tokenizer.decode(tokens, skip_special_tokens=True)
-                got = reply.choices[0].message.content
-                assert got == want, (
-                    f"{label}: {got!r} differs from transformers' greedy {want!r} (tokens "
-                    f"{tokens}) from character {first_difference(got, want)}"
-                )
+                check_reply(tokenizer, label, reply, (prompt_len, tokens))
             if round_ == "first" and not v2_5:
                 refuse_bad_videos(client, clip)
 
 
 # vLLM's request-wide processor settings, for the third request (its part sets none).
 REQUEST_FIELDS = {2: {"mm_processor_kwargs": {"fps": 4, "max_frames": 4}}}
+
+
+def check_reply(tokenizer, label: str, reply, want: tuple[int, list[int]]) -> None:  # noqa: ANN001
+    """The server's reply has transformers' (prompt tokens, greedy tokens) `want`: exact usage,
+    and the text, failing with the first differing character."""
+    prompt_len, tokens = want
+    assert reply.usage.prompt_tokens == prompt_len, label
+    assert reply.usage.completion_tokens == len(tokens), label
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    got = reply.choices[0].message.content
+    assert got == text, (
+        f"{label}: {got!r} differs from transformers' greedy {text!r} (tokens {tokens}) from "
+        f"character {first_difference(got, text)}"
+    )
 
 
 def first_difference(a: str, b: str) -> int:
