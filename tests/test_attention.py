@@ -369,6 +369,16 @@ def test_bidirectional_spans_equal_dense_attention(
     check_windows_and_spans(name, SPAN_SEQS, windows, num_kv_heads, gqa, block_size)
 
 
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_windowed_prompts_in_small_tiles(monkeypatch: pytest.MonkeyPatch, block_size: int) -> None:
+    """sdpa's windowed fresh prompts in tiles of 4 queries (or the window): many tiles per
+    prompt, first tiles without a mask, spans reaching past a tile's last query."""
+    monkeypatch.setattr(sdpa_backend, "TILE", 4)
+    seqs = [(start, n, []) for start, n in SEQS]
+    check_windows_and_spans("sdpa", seqs, [1, 3, 17, None], 2, 2, block_size)
+    check_windows_and_spans("sdpa", SPAN_SEQS, [2, 4, 11], 2, 2, block_size)
+
+
 def test_window_plans_skip_what_they_can() -> None:
     """The sdpa plans: a fresh prompt within the window and without spans keeps the unmasked
     causal kernel; a longer one or one with a span gets a mask; a chunk and decodes under a
@@ -391,6 +401,18 @@ def test_window_plans_skip_what_they_can() -> None:
     assert group.padding.sum() == 1 and group.padding[0, 0, 0]
     spans = build_metadata([0, 0], [23, 12], tables[:2], 4, CPU, bidirectional=[[], [(2, 5)]])
     assert [p.mask is None for p in sdpa_backend.prefills(spans, None)] == [True, False]
+    # A fresh prompt of 600 under a window of 100: tiles of 256 queries, each over the keys
+    # from its first query's window on; the first needs a mask (it is longer than the window).
+    long = build_metadata([0], [600], [list(range(150))], 4, CPU)
+    tiles = sdpa_backend.prefills(long, 100)
+    assert [(t.start, t.length, t.keys) for t in tiles] == [
+        (0, 256, slice(0, 256)),
+        (256, 256, slice(157, 512)),
+        (512, 88, slice(413, 600)),
+    ]
+    assert all(t.mask is not None and t.blocks is None for t in tiles)
+    # Within a window of 300 the first tile is plain causal.
+    assert [t.mask is None for t in sdpa_backend.prefills(long, 300)] == [True, False]
 
 
 def test_metadata_bidirectional_spans() -> None:
