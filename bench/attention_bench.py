@@ -1,14 +1,17 @@
 """Attention micro-benchmark: every backend on the q30m shape, one whole step of 12 layers.
 
-    .venv/bin/python bench/attention_bench.py [--repeats 15] [--threads N] [--out FILE]
+    .venv/bin/python bench/attention_bench.py [--repeats 15] [--threads N] [--only TEXT]
+        [--out FILE]
 
 Shape of the q30m checkpoint (Qwen2: 8 heads, 2 KV heads, head_dim 64, 12 layers), float32,
 block size 16, block tables scattered over the pool. Cases: a fresh prefill of 360 tokens,
 a 360-token chunk after 512 cached tokens, and decodes at batch 1, 8 and 32 over contexts of
-450-550 tokens (seeded). A step is the backend's prepare() plus the 12 layers' forward (KV
-store and attention), the same inputs for every backend. Backends run alternately, each
-case `--repeats` times after a warm-up; the table shows the median (and the fastest run:
-the machine here is shared, and the fastest is the least disturbed).
+450-550 tokens (seeded); then sliding windows: decodes at batch 32 over contexts of
+1900-2100 tokens and a fresh prefill of 2048, each with every layer's window 512 and without
+(--only picks the cases whose name holds TEXT). A step is the backend's prepare() plus the
+12 layers' forward (KV store and attention), the same inputs for every backend. Backends
+run alternately, each case `--repeats` times after a warm-up; the table shows the median
+(and the fastest run: the machine here is shared, and the fastest is the least disturbed).
 --threads 1 gives steadier figures on a busy machine: torch's OpenMP threads wait for each
 other at every kernel's end, so one descheduled thread stalls the op.
 Prints a table and writes JSON.
@@ -35,12 +38,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 8, 2, 64, 12, 16
 
 
-def cases(seed: int) -> dict[str, list[tuple[int, int]]]:
-    """Each case's sequences as (tokens cached, tokens computed), decodes first."""
+def cases(seed: int) -> dict[str, tuple[list[tuple[int, int]], int | None]]:
+    """Each case's sequences as (tokens cached, tokens computed), decodes first, and the
+    sliding window of every layer (None: whole context)."""
     rng = random.Random(seed)
-    out = {"prefill 360": [(0, 360)], "prefill 360 after 512 cached": [(512, 360)]}
+    out = {"prefill 360": ([(0, 360)], None), "prefill 360 after 512 cached": ([(512, 360)], None)}
     for batch in (1, 8, 32):
-        out[f"decode batch {batch}"] = [(rng.randint(450, 550) - 1, 1) for _ in range(batch)]
+        out[f"decode batch {batch}"] = (
+            [(rng.randint(450, 550) - 1, 1) for _ in range(batch)],
+            None,
+        )
+    long = [(rng.randint(1900, 2100) - 1, 1) for _ in range(32)]
+    for window in (None, 512):
+        name = "no window" if window is None else f"window {window}"
+        out[f"decode batch 32, ~2k context, {name}"] = (long, window)
+        out[f"prefill 2048, {name}"] = ([(0, 2048)], window)
     return out
 
 
@@ -72,18 +84,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", default="", help="run only the cases whose name holds this")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "attention.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     names = sorted(BACKENDS, key=lambda n: n != "torch")  # the reference first
-    layers = [PagedAttention(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM**-0.5, i) for i in range(LAYERS)]
     results: dict[str, dict[str, float]] = {}
     fastest: dict[str, dict[str, float]] = {}
-    for case, seqs in cases(args.seed).items():
-        meta, num_blocks, qkv = step_inputs(seqs, rng)
-        backends = {}
+    for case, (seqs, window) in cases(args.seed).items():
+        meta, num_blocks, qkv = step_inputs(seqs, rng)  # drawn for every case: same inputs
+        if args.only not in case:
+            continue
+        layers = [
+            PagedAttention(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM**-0.5, i, sliding_window=window)
+            for i in range(LAYERS)
+        ]
+        backends = {}  # the last case's pools go (batch 32 at ~2k tokens: 0.8 GB each)
         for name in names:
             pool = KVPool(LAYERS, KV_HEADS, HEAD_DIM, num_blocks, BLOCK, torch.float32, "cpu")
             pool.cache.normal_()  # the cached prefix: any values will do
