@@ -1,9 +1,10 @@
 """The linear layers' CPU GEMM paths against plain torch.
 
-`--cpu-gemm onednn` (the default) runs every linear layer and the LM head on a weight packed
-once by oneDNN; `--cpu-gemm aten` keeps `F.linear`. Both must compute what `F.linear` does on
-the loaded weight: over batch sizes 0..360, with and without bias, float32 and bfloat16,
-tensor-parallel shards, a tied LM head, and a whole model against transformers.
+`--cpu-gemm onednn` (the default) runs every linear layer, the LM head and the plain nn.Linear
+layers of transformers' vision towers on a weight packed once by oneDNN; `--cpu-gemm aten`
+keeps `F.linear`. Both must compute what `F.linear` does on the loaded weight: over batch
+sizes 0..360, with and without bias, float32 and bfloat16, tensor-parallel shards, a tied LM
+head, and a whole model against transformers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch import nn
 
 from vlmserve.shared.config import Config
 from vlmserve.shared.messages import SamplingParams
@@ -29,6 +31,7 @@ from vlmserve.workers.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
     onednn_packs,
+    pack_linears,
     pack_weight,
 )
 from vlmserve.workers.loader import load_model
@@ -171,6 +174,19 @@ def test_tied_lm_head(cpu_gemm: str) -> None:
     torch.testing.assert_close(
         head.compute_logits(hidden), F.linear(hidden, embed.weight), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_transformers_nn_linear_runs_packed(bias: bool) -> None:
+    """A vision tower's nn.Linear: its forward swapped onto the packed weight, and back."""
+    layer = nn.Linear(64, 96, bias=bias).requires_grad_(False)
+    tower = nn.Sequential(layer, nn.GELU())
+    x = torch.randn(2, 7, 64)
+    expected = F.linear(x, layer.weight, layer.bias)
+    assert pack_linears(tower, "onednn") == 1 and "forward" in vars(layer)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert pack_linears(tower, "aten") == 0 and "forward" not in vars(layer)
+    assert torch.equal(layer(x), expected)
 
 
 @pytest.fixture(scope="module")

@@ -79,10 +79,31 @@ def linear(
 
 
 def pack_linears(model: nn.Module, cpu_gemm: str) -> int:
-    """Pack the weight of every layer of `model` that has `pack` (after its weights are loaded;
-    packing copies them). Returns how many layers run on packed weights."""
-    layers = [m for m in model.modules() if hasattr(m, "pack")]
-    return sum(layer.pack(cpu_gemm) for layer in layers)
+    """Pack the weight of every linear layer of `model` once its weights are loaded (packing
+    copies them): ours (`pack`) and transformers' plain nn.Linear ones (vision towers,
+    projectors). Returns how many layers run on packed weights."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "pack"):
+            count += module.pack(cpu_gemm)
+        elif type(module) is nn.Linear:
+            count += pack_nn_linear(module, cpu_gemm)
+    return count
+
+
+def pack_nn_linear(module: nn.Linear, cpu_gemm: str) -> bool:
+    """Have a transformers nn.Linear run on a packed copy of its weight (its forward swapped,
+    its parameters kept); False, and its own forward back, where F.linear stays."""
+    packed = pack_weight(module.weight, cpu_gemm)
+    if packed is None:
+        module.__dict__.pop("forward", None)
+        return False
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return linear(x, module.weight, module.bias, packed)
+
+    module.forward = forward
+    return True
 
 
 class LinearBase(nn.Module):
