@@ -110,6 +110,10 @@ def test_both_weight_layouts_load_alike(internvl3: str, tmp_path) -> None:  # no
     cpu = torch.device("cpu")
     ours = dict(load_model(internvl3, torch.float32, cpu).named_parameters())
     again = dict(load_model(str(tmp_path), torch.float32, cpu).named_parameters())
+    # The written lm_head.weight is loaded as the output layer of its own (as transformers
+    # does when a checkpoint carries one), equal to the embeddings it was tied to.
+    head = again.pop("language.lm_head.weight")
+    assert torch.equal(head, ours["language.model.embed_tokens.weight"])
     assert ours.keys() == again.keys()
     for name, value in ours.items():
         assert torch.equal(value, again[name]), name
