@@ -1,10 +1,11 @@
 """The linear layers' CPU GEMM paths against plain torch.
 
-`--cpu-gemm onednn` (the default) runs every linear layer, the LM head and the plain nn.Linear
-layers of transformers' vision towers on a weight packed once by oneDNN; `--cpu-gemm aten`
-keeps `F.linear`. Both must compute what `F.linear` does on the loaded weight: over batch
-sizes 0..360, with and without bias, float32 and bfloat16, tensor-parallel shards, a tied LM
-head, and a whole model against transformers.
+`--cpu-gemm onednn` (opt-in: the worker's RSS grows under tests/test_soak.py's load) runs every
+linear layer, the LM head and the plain nn.Linear layers of transformers' vision towers on a
+weight packed once by oneDNN; `--cpu-gemm aten` (the default) keeps `F.linear`. Both must
+compute what `F.linear` does on the loaded weight: over batch sizes 0..360, with and without
+bias, float32 and bfloat16, tensor-parallel shards, a tied LM head, and a whole model against
+transformers.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def test_model_logits_equal_transformers(qwen2: str, cpu_gemm: str) -> None:
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_engine_with_cpu_gemm_aten(qwen2: str, tmp_path) -> None:  # noqa: ANN001
-    """The flag reaches the worker: an engine on --cpu-gemm aten answers as transformers."""
+def test_engine_with_cpu_gemm_onednn(qwen2: str, tmp_path) -> None:  # noqa: ANN001
+    """The flag reaches the worker: an engine on --cpu-gemm onednn answers as transformers."""
     from hf_reference import compare_greedy, hf_greedy
 
     from vlmserve.deploy.launcher import scheduler_and_workers
@@ -220,12 +221,12 @@ def test_engine_with_cpu_gemm_aten(qwen2: str, tmp_path) -> None:  # noqa: ANN00
 
     prompts = [[5, 9, 200, 17], list(range(3, 40))]
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
-    with scheduler_and_workers(qwen2, str(tmp_path), device="cpu", cpu_gemm="aten") as eng:
-        assert eng["config"].cpu_gemm == "aten"
+    with scheduler_and_workers(qwen2, str(tmp_path), device="cpu", cpu_gemm="onednn") as eng:
+        assert eng["config"].cpu_gemm == "onednn"
         results, _ = run_requests(eng["config"], [(p, greedy) for p in prompts])
         with open(eng["log"]) as f:
             log = f.read()
-    assert "worker rank 0" in log and "for oneDNN" not in log  # the default logs its packing
+    assert "worker rank 0" in log and "for oneDNN" in log  # it logs its packing
     for i, (result, (ref, ref_logits)) in enumerate(
         zip(results, hf_greedy(qwen2, prompts, 8), strict=True)
     ):

@@ -61,7 +61,9 @@ def make_request(i: int, rng: random.Random, urls: list[str]) -> tuple[str, dict
     if roll < 0.05:
         return "invalid", invalid_body(i, body)
     if roll < 0.15:  # a long answer, cut after its first token
-        return "cut", body | {"stream": True, "max_tokens": 64, "ignore_eos": True}
+        # Long enough that it cannot end before the server sees the cut (64 tokens could,
+        # on a fast engine, and then count as answered rather than as a 499).
+        return "cut", body | {"stream": True, "max_tokens": 1024, "ignore_eos": True}
     if rng.random() < 0.2:
         body["n"] = 2
     if rng.random() < 0.2:
