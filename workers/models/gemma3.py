@@ -29,6 +29,7 @@ from vlmserve.workers.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from vlmserve.workers.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from vlmserve.workers.layers.rotary import Rope, RotaryEmbedding
 from vlmserve.workers.models.llama import LlamaAttention, LlamaForCausalLM
+from vlmserve.workers.models.llava import NAME_PREFIXES
 from vlmserve.workers.models.vlm import VisionLanguageModel
 
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
@@ -175,17 +176,9 @@ class Gemma3Model(VisionLanguageModel):
     mm_tokens_per_image rows, RMSNorm, a projection), our Gemma 3 decoder."""
 
     vision_half = "Gemma3Model"
-    # transformers 4 checkpoints (the hub's gemma-3-*-it) and transformers 5 models.
-    name_prefixes = [
-        ("model.language_model.", "language.model."),
-        ("language_model.model.", "language.model."),
-        ("language_model.lm_head.", "language.lm_head."),
-        ("lm_head.", "language.lm_head."),
-        ("model.vision_tower.", "vision.hf.vision_tower."),
-        ("vision_tower.", "vision.hf.vision_tower."),
-        ("model.multi_modal_projector.", "vision.hf.multi_modal_projector."),
-        ("multi_modal_projector.", "vision.hf.multi_modal_projector."),
-    ]
+    # transformers 4 checkpoints (the hub's gemma-3-*-it) and transformers 5 models: LLaVA's
+    # names (its image_newline entries match nothing here).
+    name_prefixes = NAME_PREFIXES
     bidirectional_images = True
 
     def decoder_class(self, text_config: Any) -> type[nn.Module]:
