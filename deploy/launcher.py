@@ -7,6 +7,7 @@ start the very same processes a Procfile or systemd units start.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from vlmserve.shared.config import Config, config_to_env, new_run_id
 # Past --drain-timeout, what a frontend may still need to end its last requests and exit.
 DRAIN_MARGIN_S = 15.0
 
+log = logging.getLogger("vlmserve.launcher")
+
 
 def spawn(role: str, config: Config, log_path: str | None = None) -> subprocess.Popen:
     """`vlmserve ROLE` in a child process reading `config` from its environment; its output
@@ -36,14 +39,22 @@ def spawn(role: str, config: Config, log_path: str | None = None) -> subprocess.
     )
 
 
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+def stop(proc: subprocess.Popen, timeout: float = 10.0, name: str = "") -> int:
+    """SIGTERM, then SIGKILL past `timeout`; logs how the child ended and how long it took, so
+    a slow shutdown shows which process held it up."""
     if proc.poll() is None:
+        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) still running %.0fs after SIGTERM; killing it",
+                        name or "child", proc.pid, timeout)  # fmt: skip
             proc.kill()
             proc.wait()
+        took = time.monotonic() - started
+        log.info("%s (pid %d) exited with code %s after %.1fs",
+                 name or "child", proc.pid, proc.returncode, took)  # fmt: skip
     return proc.returncode
 
 
@@ -67,8 +78,8 @@ def scheduler_and_workers(model_dir: str, workdir: str, **settings: object) -> I
     try:
         yield {"config": config, "procs": procs, "log": log_path}
     finally:
-        for proc in procs.values():
-            stop(proc)
+        for name, proc in procs.items():
+            stop(proc, name=name)
 
 
 def resolve_model(model: str) -> str:
@@ -116,6 +127,6 @@ def server(config: Config, log_path: str | None = None) -> Iterator[dict]:
     finally:
         # Frontends first: they drain (finish what they hold, 503 to anything new, for at
         # most --drain-timeout), then the engine stops with nothing left in flight.
-        stop(procs["frontend"], timeout=config.drain_timeout + DRAIN_MARGIN_S)
+        stop(procs["frontend"], timeout=config.drain_timeout + DRAIN_MARGIN_S, name="frontend")
         for name in [n for n in procs if n != "frontend"]:
-            stop(procs[name])
+            stop(procs[name], name=name)

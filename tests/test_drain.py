@@ -6,6 +6,7 @@ process exits, the launcher with 0, well within --drain-timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,7 +51,10 @@ def test_sigterm_drains_16_streams_then_exits_0(checkpoints: dict, workdir: str)
             "--drain-timeout", str(DRAIN_TIMEOUT), "--log-level", "INFO"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMSERVE_")}
     with open(log_path, "wb") as log:
-        launcher = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own, so a failed test can kill every process it started.
+        launcher = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_for(lambda: launcher.poll() is None and _health(url) == 200, 120, "healthy")
         firsts = [threading.Event() for _ in range(STREAMS)]
@@ -73,12 +77,12 @@ def test_sigterm_drains_16_streams_then_exits_0(checkpoints: dict, workdir: str)
 
         for t in threads:
             t.join(DRAIN_TIMEOUT)
-        assert launcher.wait(DRAIN_TIMEOUT) == 0, _tail(log_path)
+        assert _exit_code(launcher, DRAIN_TIMEOUT, log_path) == 0, _tail(log_path)
         assert time.monotonic() - stopped_at < DRAIN_TIMEOUT
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
     for i, out in enumerate(outs):
         assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]", (i, out)
         chunks = [json.loads(line[len("data: ") :]) for line in out["lines"][:-1]]
@@ -90,6 +94,19 @@ def test_sigterm_drains_16_streams_then_exits_0(checkpoints: dict, workdir: str)
     with open(log_path, errors="replace") as f:
         said = re.findall(r"draining: (\d+) requests in flight", f.read())
     assert len(said) == 2 and sum(map(int, said)) > 0, log
+
+
+def _exit_code(proc: subprocess.Popen, timeout: float, log_path: str) -> int:
+    """The launcher's exit code; past `timeout`, fail with what still runs and the log."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        ps = subprocess.run(["ps", "-o", "pid,ppid,etime,stat,args", "-g", str(proc.pid)],
+                            capture_output=True, text=True).stdout  # fmt: skip
+        raise AssertionError(
+            f"the launcher still runs {timeout:.0f}s after the streams ended\n"
+            f"{ps}\n{_tail(log_path)}"
+        ) from None
 
 
 def _health(url: str) -> int:
