@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,17 @@ class ProcessedImage:
     length: int
     hash: str
     arrays: dict[str, np.ndarray]
+
+
+def sized_key(key: str, arrays: dict[str, np.ndarray]) -> str:
+    """The cache key of an image or video resized by a request's own pixel bounds: its content
+    key and the grid it was resized to, which together fix its pixels (the same content at
+    two sizes never shares an encoder or prefix cache entry; two bounds that give one grid
+    do)."""
+    grid = arrays.get("image_grid_thw", arrays.get("video_grid_thw"))
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{key}:sized:{np.asarray(grid).tolist()}".encode())
+    return digest.hexdigest()
 
 
 def template_turn(message: ChatMessage) -> dict[str, Any]:
@@ -135,14 +147,18 @@ class Prompter:
         images: list[Image.Image],
         tools: list[dict[str, Any]] | None = None,
         videos: list[Video] | None = None,
+        pixels: Any = None,
     ) -> tuple[list[int], list[ProcessedImage]]:
         """The prompt's token ids (image and video placeholders expanded) and its processed
-        images and videos, in prompt order (a video is one item, its frames in its arrays)."""
+        images and videos, in prompt order (a video is one item, its frames in its arrays).
+        `pixels`: the request's pixel bounds (a Qwen-VL PixelBounds; None: the checkpoint's)."""
         text = self.render_chat(messages, tools=tools)
         if not images and not videos:
             return self.encode_rendered(text), []
         try:
-            if videos:
+            if pixels is not None:
+                ids, placed = self.images.process(text, images, videos or [], pixels=pixels)
+            elif videos:
                 ids, placed = self.images.process(text, images, videos)
             else:
                 ids, placed = self.images.process(text, images)
@@ -155,15 +171,13 @@ class Prompter:
         # Placed in prompt order, images and videos interleaved: each takes its kind's next key.
         image_keys = iter([image_hash(img) for img in images])
         video_keys = iter([video.hash for video in videos or []])
-        return ids, [
-            ProcessedImage(
-                p.offset,
-                p.length,
-                next(video_keys if "video_grid_thw" in p.arrays else image_keys),
-                p.arrays,
-            )
-            for p in placed
-        ]
+        processed = []
+        for p in placed:
+            key = next(video_keys if "video_grid_thw" in p.arrays else image_keys)
+            if pixels is not None:
+                key = sized_key(key, p.arrays)
+            processed.append(ProcessedImage(p.offset, p.length, key, p.arrays))
+        return ids, processed
 
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max_tokens to use; 400 when the prompt (plus max_tokens) exceeds the session."""

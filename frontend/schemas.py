@@ -82,12 +82,25 @@ class VideoURL(msgspec.Struct, kw_only=True):
     max_frames: VideoMaxFrames | None = None
 
 
+PixelCount = Annotated[int, Meta(ge=1, le=2**40)]
+
+
 class MMProcessorKwargs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """vLLM's per-request processor settings; here, how every video of the request is sampled
-    (a video part's own `fps` / `max_frames` win). Other keys are refused, not ignored."""
+    """vLLM's per-request processor settings: how every video of the request is sampled (a
+    video part's own `fps` / `max_frames` win) and, for the Qwen-VL family, the pixel bounds
+    its images (and Qwen2/2.5-VL's video frames) are resized within. Other keys are refused,
+    not ignored."""
 
     fps: VideoFPS | None = None
     max_frames: VideoMaxFrames | None = None
+    min_pixels: Annotated[
+        PixelCount | None,
+        Meta(description="Qwen-VL: fewest pixels an image is resized to (at most --mm-max-pixels)"),
+    ] = None
+    max_pixels: Annotated[
+        PixelCount | None,
+        Meta(description="Qwen-VL: most pixels an image is resized to (at most --mm-max-pixels)"),
+    ] = None
 
 
 class VideoPart(msgspec.Struct, tag_field="type", tag="video_url", kw_only=True):

@@ -85,6 +85,10 @@ HELP: dict[str, str] = {
     "video_max_frames": "most frames sampled from one video; a request's `max_frames` may ask "
     "fewer",
     "video_fps": "frames sampled per second of video unless the request's video part sets `fps`",
+    "mm_max_pixels": "ceiling, in pixels, on how large Qwen-VL images (and Qwen2/2.5-VL video "
+    "frames) are resized to: a request's mm_processor_kwargs min_pixels / max_pixels above it "
+    "are refused and the checkpoint's own max_pixels is lowered to it (0: the checkpoint's own "
+    "max_pixels is the ceiling)",
     "tool_call_parser": "how the model writes tool calls, for `tool_choice: auto`: "
     + ", ".join(TOOL_CALL_PARSERS)
     + " (empty: auto tool choice is refused)",
@@ -158,6 +162,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     video_max_seconds: float = 600.0
     video_max_frames: int = 32
     video_fps: float = 2.0
+    mm_max_pixels: int = 0
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     max_queued_requests: int = 0
@@ -221,6 +226,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (self.video_max_seconds > 0, "--video-max-seconds must be positive"),
             (self.video_max_frames >= 1, "--video-max-frames must be at least 1"),
             (self.video_fps > 0, "--video-fps must be positive"),
+            (self.mm_max_pixels >= 0, "--mm-max-pixels must be 0 (the checkpoint's) or more"),
         ]
         for ok, message in checks:
             if not ok:

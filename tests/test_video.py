@@ -142,7 +142,10 @@ def greedy_one(
     messages: list[dict],
     videos: list,
     images: list,  # noqa: ANN001
+    **image_kwargs: int,
 ) -> tuple[int, list[int]]:
+    """transformers' (prompt tokens, greedy tokens); `image_kwargs` go to its image processor
+    (a request's min_pixels / max_pixels)."""
     config = model.config
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ip = transformers.AutoImageProcessor.from_pretrained(model_dir)
@@ -150,7 +153,7 @@ def greedy_one(
     inputs: dict = {}
     counts = {"<|image_pad|>": [], "<|video_pad|>": []}
     if images:
-        inputs |= dict(ip(images=images, return_tensors="pt"))
+        inputs |= dict(ip(images=images, return_tensors="pt", **image_kwargs))
         counts["<|image_pad|>"] = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]
     if videos:
         per = [reference_video(frames, ip) for frames, _ in videos]
@@ -295,7 +298,7 @@ def refuse_bad_videos(client: openai.OpenAI, clip: bytes) -> None:
     ]
     fine = video_part(video_data_url(clip))
     bad_fields = [  # (request fields, param, gist)
-        ({"mm_processor_kwargs": {"max_pixels": 10}}, "mm_processor_kwargs", "max_pixels"),
+        ({"mm_processor_kwargs": {"do_resize": False}}, "mm_processor_kwargs", "do_resize"),
         ({"mm_processor_kwargs": {"fps": 0}}, "mm_processor_kwargs.fps", ">"),
         ({"mm_processor_kwargs": {"max_frames": 9}}, "messages", "--video-max-frames"),
     ]

@@ -55,6 +55,7 @@ from vlmserve.frontend.tool_choice import plan_tools
 from vlmserve.frontend.validation import decode_request
 from vlmserve.frontend.video import load_videos
 from vlmserve.shared.messages import TokenLogprob
+from vlmserve.shared.models.qwen2_vl import PixelBounds
 
 encoder = msgspec.json.Encoder()
 
@@ -145,6 +146,54 @@ def video_parts(body: ChatCompletionRequest) -> list[VideoURL]:
     ]
 
 
+def pixel_bounds(body: ChatCompletionRequest, state: FrontendState) -> PixelBounds | None:
+    """The request's `mm_processor_kwargs` min_pixels / max_pixels under --mm-max-pixels, for
+    a Qwen-VL checkpoint; None where the checkpoint's own bounds apply unchanged. 400 naming
+    the field for a family without these knobs, a bound over the ceiling, a max_pixels below
+    one merged patch, or a min_pixels above the max_pixels it would be resized within."""
+    kwargs = body.mm_processor_kwargs or MMProcessorKwargs()
+    asked = {k: getattr(kwargs, k) for k in ("min_pixels", "max_pixels")}
+    images = state.prompter.images
+    default = getattr(images, "image_size", None)
+    cap = state.config.mm_max_pixels
+    if default is None:
+        for name, value in asked.items():
+            if value is not None:
+                raise bad_request(
+                    f"this model's processor takes no {name} (only the Qwen-VL family's do)",
+                    f"mm_processor_kwargs.{name}",
+                )
+        return None
+    ceiling = cap or default["longest_edge"]
+    for name, value in asked.items():
+        if value is not None and value > ceiling:
+            flag = "--mm-max-pixels" if cap else "the checkpoint's max_pixels; --mm-max-pixels"
+            raise bad_request(
+                f"{name} {value} is over this server's ceiling of {ceiling} pixels ({flag})",
+                f"mm_processor_kwargs.{name}",
+            )
+    smallest = images.factor**2
+    if asked["max_pixels"] is not None and asked["max_pixels"] < smallest:
+        raise bad_request(
+            f"max_pixels {asked['max_pixels']} is below one merged patch "
+            f"({images.factor}x{images.factor} = {smallest} pixels)",
+            "mm_processor_kwargs.max_pixels",
+        )
+    pixels = PixelBounds(asked["min_pixels"], asked["max_pixels"], cap)
+    if asked["min_pixels"] is None and asked["max_pixels"] is None:
+        return pixels if cap else None  # the ceiling may lower the checkpoint's bounds
+    size = pixels.size(default)
+    if size["shortest_edge"] > size["longest_edge"]:
+        name = "min_pixels" if asked["min_pixels"] is not None else "max_pixels"
+        mine = {k: "" if v is not None else " (the server's)" for k, v in asked.items()}
+        raise bad_request(
+            f"min_pixels {size['shortest_edge']}{mine['min_pixels']} is above max_pixels "
+            f"{size['longest_edge']}{mine['max_pixels']}",
+            f"mm_processor_kwargs.{name}",
+        )
+    return pixels
+
+
 def sse(payload: msgspec.Struct | bytes) -> SSEvent:
     data = payload if isinstance(payload, bytes) else encoder.encode(payload)
     return SSEvent(data=data)
@@ -167,6 +216,7 @@ class ChatCompletionsResource:
         frame_multiple = getattr(state.prompter.images, "video_frame_multiple", None)
         if videos and frame_multiple is None:
             raise bad_request("this model does not accept videos", "messages")
+        pixels = pixel_bounds(body, state)
         record = request_record(req)
         started = time.perf_counter()
         images = await load_images(urls, state.config, state.http) if urls else []
@@ -176,7 +226,7 @@ class ChatCompletionsResource:
             clips = await load_videos(videos, state.config, state.http, frame_multiple, linspace)
         plan = plan_tools(body, state.config.tool_call_parser, state.config.reasoning_parser)
         prompt_ids, processed = await state.off_loop(
-            state.prompter.chat_inputs, body.messages, images, plan.tools, clips
+            state.prompter.chat_inputs, body.messages, images, plan.tools, clips, pixels
         )
         record.images_ready(len(urls), time.perf_counter() - started)
         asked = body.max_completion_tokens or body.max_tokens

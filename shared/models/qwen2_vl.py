@@ -10,11 +10,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vlmserve.shared.models.processing import placeholder_runs, tokenize_rendered
 from vlmserve.shared.models.spec import ImageProcessor, ModelSpec, PlacedImage
 from vlmserve.shared.models.video import video_patches, video_size
+
+
+@dataclass(frozen=True)
+class PixelBounds:
+    """One request's pixel bounds (vLLM's `mm_processor_kwargs` min_pixels / max_pixels, as
+    transformers' Qwen2-VL processor takes them at call time: each replaces its end of the
+    processor's `size`, shortest_edge / longest_edge), under the server's ceiling `cap`
+    (--mm-max-pixels; 0: none), which also lowers a checkpoint's larger longest_edge."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    cap: int = 0
+
+    def size(self, default: dict[str, int]) -> dict[str, int]:
+        """`default` (shortest_edge / longest_edge in pixels) with this request's bounds."""
+        longest = self.max_pixels or default["longest_edge"]
+        if self.cap:
+            longest = min(longest, self.cap)
+        return {
+            "shortest_edge": self.min_pixels or default["shortest_edge"],
+            "longest_edge": longest,
+        }
 
 
 class QwenVLImages:
@@ -31,18 +54,31 @@ class QwenVLImages:
         self.video_frame_multiple = int(self.image_processor.temporal_patch_size)
         self.video_size = video_size(model_dir)
         self.merge_tokens = self.image_processor.merge_size**2
+        ip_size = self.image_processor.size
+        self.image_size = {
+            "shortest_edge": ip_size.shortest_edge,
+            "longest_edge": ip_size.longest_edge,
+        }
+        # Each side of a resized image is a multiple of this (smart_resize's factor).
+        self.factor = self.image_processor.patch_size * self.image_processor.merge_size
 
     def process(
-        self, text: str, images: list, videos: Sequence[Any] = ()
+        self,
+        text: str,
+        images: list,
+        videos: Sequence[Any] = (),
+        pixels: PixelBounds | None = None,
     ) -> tuple[list[int], list[PlacedImage]]:
         """As ImageProcessor.process; `videos` have `frames` [n, height, width, 3] (uint8
-        RGB) and `fps` (of the sampled frames) and are placed at the `<|video_pad|>`s."""
+        RGB) and `fps` (of the sampled frames) and are placed at the `<|video_pad|>`s;
+        `pixels`: the request's bounds (None: the checkpoint's)."""
         import numpy as np
 
         merge = self.merge_tokens
         items: list[dict[str, Any]] = []
         if images:
-            out = self.image_processor(images=images, return_tensors="np")
+            sized = {} if pixels is None else {"size": pixels.size(self.image_size)}
+            out = self.image_processor(images=images, return_tensors="np", **sized)
             bounds = np.cumsum([0, *[int(np.prod(g)) for g in out["image_grid_thw"]]])
             items += [
                 {
@@ -52,7 +88,7 @@ class QwenVLImages:
                 for i in range(len(images))
             ]
         for video in videos:
-            items.append(self.video_arrays(video))
+            items.append(self.video_arrays(video, pixels))
         image_items, video_items = items[: len(images)], items[len(images) :]
         pads = {self.pad: image_items, self.video_pad: video_items}
         pieces = re.split(f"({re.escape(self.pad)}|{re.escape(self.video_pad)})", text)
@@ -91,11 +127,13 @@ class QwenVLImages:
             placed.append(PlacedImage(first[0], last[0] + last[1] - first[0], arrays))
         return ids, placed
 
-    def video_arrays(self, video: Any) -> dict[str, Any]:
-        """A video's arrays for the workers: its patches, grid and time per temporal patch."""
+    def video_arrays(self, video: Any, pixels: PixelBounds | None = None) -> dict[str, Any]:
+        """A video's arrays for the workers: its patches, grid and time per temporal patch;
+        each frame sized within the video processor's bounds or the request's `pixels`."""
         import numpy as np
 
-        patches, grid = video_patches(self.image_processor, video.frames, self.video_size)
+        size = self.video_size if pixels is None else pixels.size(self.video_size)
+        patches, grid = video_patches(self.image_processor, video.frames, size)
         seconds = self.video_frame_multiple / video.fps  # of video per temporal patch
         return {
             "pixel_values_videos": patches,

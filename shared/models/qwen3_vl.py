@@ -37,16 +37,17 @@ class Qwen3VLImages(QwenVLImages):
                     f"the video processor's {key} {config[key]} differs from the image "
                     f"processor's {getattr(ip, key)}; videos are patched by the latter"
                 )
-        self.factor = ip.patch_size * ip.merge_size
         self.cap_pixels = bool(config.get("cap_pixels_per_frame"))
         self.max_video_tokens = int(config.get("max_video_tokens", MAX_VIDEO_TOKENS))
         self.normalize = {k: config[k] for k in ("image_mean", "image_std") if k in config}
         self.vision_start = self.tokenizer.convert_ids_to_tokens(hf_config.vision_start_token_id)
         self.vision_end = self.tokenizer.convert_ids_to_tokens(hf_config.vision_end_token_id)
 
-    def video_arrays(self, video: Any) -> dict[str, Any]:
+    def video_arrays(self, video: Any, pixels: Any = None) -> dict[str, Any]:
         """Patches and grid of the frames at Qwen3VLVideoProcessor's size (no time per patch:
-        Qwen3-VL places videos in time by the timestamps in the prompt)."""
+        Qwen3-VL places videos in time by the timestamps in the prompt). A request's `pixels`
+        do not apply: Qwen3VLVideoProcessor takes no min_pixels / max_pixels (transformers'
+        processor gives them to the image processor alone)."""
         n, height, width = video.frames.shape[:3]
         size = dict(self.video_size)
         if self.cap_pixels:  # the per-frame cap of qwen-vl-utils, when the config asks for it
