@@ -51,8 +51,9 @@ HELP: dict[str, str] = {
     "cpu_cache_gib": "memory budget on cpu that --cache-max-entry-count is a fraction of",
     "num_kv_blocks": "exact number of KV blocks, overriding the memory-based size (0: off)",
     "attention_backend": "attention kernels the workers run over the KV cache: sdpa (torch's "
-    "fused scaled-dot-product kernels, the fast CPU path) or torch (the plain-torch reference "
-    "every backend is tested against)",
+    "fused scaled-dot-product kernels, and on cpu a compiled decode kernel that reads the paged "
+    "cache in place: the fast CPU path), sdpa_gather (sdpa with its decodes gathering their "
+    "blocks instead) or torch (the plain-torch reference every backend is tested against)",
     "cpu_gemm": "kernel of the linear layers on cpu: aten (torch's F.linear, MKL's sgemm on x86; "
     "the default) or onednn (weights prepacked once at load, ~1.35x faster on AMD, but the "
     "worker's memory grows under a long mixed load: not yet the default)",

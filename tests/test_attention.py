@@ -219,8 +219,9 @@ def test_step_context_refuses_nesting_and_absence() -> None:
 def test_registry_names_every_backend_and_refuses_unknown_names() -> None:
     assert attention_backend("torch") is TorchBackend
     assert attention_backend("sdpa") is SdpaBackend
+    assert attention_backend("sdpa_gather").paged_decode is False
     with pytest.raises(
-        ValueError, match=r"unknown attention backend 'flash'; available: sdpa, torch"
+        ValueError, match=r"unknown attention backend 'flash'; available: sdpa, sdpa_gather, torch"
     ):
         attention_backend("flash")
     assert attention_backend(Config().attention_backend) is SdpaBackend, "the default"

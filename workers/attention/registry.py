@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from vlmserve.workers.attention.backend import AttentionBackend
-from vlmserve.workers.attention.sdpa_backend import SdpaBackend
+from vlmserve.workers.attention.sdpa_backend import SdpaBackend, SdpaGatherBackend
 from vlmserve.workers.attention.torch_backend import TorchBackend
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
-    backend.name: backend for backend in (TorchBackend, SdpaBackend)
+    backend.name: backend for backend in (TorchBackend, SdpaBackend, SdpaGatherBackend)
 }
 
 

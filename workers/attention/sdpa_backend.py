@@ -16,6 +16,9 @@ is attended in tiles of queries, each over only the keys its window reaches (a m
 whole prompt would compute its whole square: 2048 tokens under a window of 512 took twice the
 causal call's time); a chunk and a decode read only the blocks from the one holding their
 oldest key in the window on.
+
+On CPU, decodes skip the gather: cpu_paged's kernel reads their blocks in place through the
+block tables (when it could be built; `sdpa_gather` is this backend with the gather path).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from vlmserve.workers.attention import torch_backend
+from vlmserve.workers.attention import cpu_paged, torch_backend
 from vlmserve.workers.attention.backend import AttentionBackend
 from vlmserve.workers.attention.metadata import AttentionMetadata, attends
 from vlmserve.workers.attention.torch_backend import spans_in, window_in
@@ -67,6 +70,7 @@ class SdpaStep:
     metadata: AttentionMetadata
     kv_heads: int
     dtype: torch.dtype
+    paged: cpu_paged.PagedDecodes | None = None  # decodes for the in-place kernel, if it runs
     # Per sliding window (None: the whole context), what every layer with it shares.
     plans: dict[int | None, tuple[list[Prefill], list[Decodes]]] = field(default_factory=dict)
 
@@ -75,23 +79,30 @@ class SdpaStep:
         if window not in self.plans:
             self.plans[window] = (
                 prefills(self.metadata, window),
-                decode_groups(self.metadata, DECODE_GROUP, self.kv_heads, self.dtype, window),
+                decode_groups(self.metadata, DECODE_GROUP, self.kv_heads, self.dtype, window)
+                if self.paged is None
+                else [],
             )
         return self.plans[window]
 
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
+    paged_decode = True  # decodes on CPU read the cache in place (cpu_paged), when it builds
 
     def __init__(self, pool: KVPool) -> None:
         super().__init__(pool)
         self._step: SdpaStep | None = None
         self._windows: set[int | None] = set()  # the layers' windows met so far
+        cache = pool.cache
+        use = self.paged_decode and cache.device.type == "cpu" and cache.dtype in cpu_paged.DTYPES
+        self._kernel = cpu_paged.kernel() if use else None  # compiled here, once per machine
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         # Plans once per distinct window, for all the layers that share it; a window not
         # met before (the first step) is planned when its first layer runs.
-        self._step = SdpaStep(metadata, self.pool.num_kv_heads, self.pool.cache.dtype)
+        paged = cpu_paged.plan(metadata) if self._kernel is not None else None
+        self._step = SdpaStep(metadata, self.pool.num_kv_heads, self.pool.cache.dtype, paged)
         for window in self._windows:
             self._step.plan(window)
 
@@ -115,6 +126,19 @@ class SdpaBackend(AttentionBackend):
             out[rows] = self._prefill(layer, kv_blocks, q[rows], k[keys], v[keys], p)
         for group in decode_plans:
             out[group.rows] = self._decode(layer, kv_blocks, q[group.rows], group)
+        if step.paged is not None:
+            k_cache, v_cache = self.pool.kv(layer.layer_idx)
+            cpu_paged.attend(
+                self._kernel,
+                step.paged,
+                q if q.stride(-1) == 1 else q.contiguous(),
+                out,
+                k_cache,
+                v_cache,
+                self.pool.block_size,
+                layer.sliding_window,
+                layer.scale,
+            )
         return out
 
     def _prefill(
@@ -238,3 +262,11 @@ def decode_groups(
         bias = bias[None, :, None].expand(kv_heads, -1, -1, -1).reshape(-1, 1, past.shape[-1])
         groups.append(Decodes(group.token_idx, group.blocks, bias))
     return groups
+
+
+class SdpaGatherBackend(SdpaBackend):
+    """sdpa with its decodes always on the gather path (the CPU kernel's baseline: what a
+    machine without a C compiler runs, and the way back should the kernel misbehave)."""
+
+    name = "sdpa_gather"
+    paged_decode = False

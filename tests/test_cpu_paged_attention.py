@@ -1,0 +1,205 @@
+"""The CPU paged-decode kernel (workers/attention/cpu_paged.py) against the torch reference
+backend, and the seams around it: built once, refused cleanly, skipped where it does not fit.
+
+Caches are random and block tables scattered over the pool. The reference runs on a float32
+copy of the same pool (the kernel accumulates in float32 whatever the cache holds), so a
+bfloat16 or float16 case differs from it only by the output's rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from vlmserve.workers.attention import cpu_paged
+from vlmserve.workers.attention.context import step_context
+from vlmserve.workers.attention.metadata import build_metadata, spans_of
+from vlmserve.workers.attention.sdpa_backend import SdpaBackend, SdpaGatherBackend
+from vlmserve.workers.attention.torch_backend import TorchBackend
+from vlmserve.workers.kv_pool import KVPool
+from vlmserve.workers.layers.attention import PagedAttention
+
+CPU = torch.device("cpu")
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Context lengths after the step: 1, around block boundaries of 16, and long ones.
+LENGTHS = [1, 2, 15, 16, 17, 31, 32, 33, 100, 257, 600]
+
+
+def decode_step(
+    backend_cls: type,
+    pool: KVPool,
+    layer: PagedAttention,
+    lengths: list[int],
+    tables: list[list[int]],
+    q: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, object]:
+    """One step of decodes (the last token of each length) through a backend of `pool`."""
+    backend = backend_cls(pool)
+    meta = build_metadata(
+        [n - 1 for n in lengths], [1] * len(lengths), tables, pool.block_size, CPU
+    )
+    with step_context(meta, backend):
+        out = layer(q, *kv)
+    return out, backend
+
+
+def random_case(
+    lengths: list[int], kv_heads: int, ratio: int, dim: int, block_size: int, seed: int
+) -> tuple[torch.Tensor, list[list[int]], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A float32 cache ([2, kv_heads, slots, dim], random) with scattered tables, and each
+    sequence's new q, k, v."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(need) + 5
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(n)] for n in need]
+    cache = torch.randn(1, 2, kv_heads, num_blocks * block_size, dim, generator=gen)
+    q = torch.randn(len(lengths), kv_heads * ratio, dim, generator=gen)
+    k = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    v = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    return cache, tables, q, (k, v)
+
+
+def pool_of(cache: torch.Tensor, block_size: int, dtype: torch.dtype) -> KVPool:
+    _, _, kv_heads, slots, dim = cache.shape
+    pool = KVPool(1, kv_heads, dim, slots // block_size, block_size, dtype, CPU)
+    pool.cache.copy_(cache)
+    return pool
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 1, 5, 16, 40])
+@pytest.mark.parametrize("ratio", [1, 4, 7])
+@pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (128, 16), (80, 1), (64, 7)])
+def test_kernel_equals_reference(
+    dim: int, block_size: int, ratio: int, window: int | None, dtype: torch.dtype
+) -> None:
+    assert cpu_paged.kernel() is not None, "the kernel did not build: see the warning logged"
+    kv_heads = 2
+    cache, tables, q, kv = random_case(LENGTHS, kv_heads, ratio, dim, block_size, seed=dim + ratio)
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0, window)
+    # The same values in `dtype`, so the reference sees exactly what the kernel reads.
+    cache, q, kv = cache.to(dtype), q.to(dtype), (kv[0].to(dtype), kv[1].to(dtype))
+    pool = pool_of(cache.float(), block_size, dtype)
+    out, backend = decode_step(SdpaBackend, pool, layer, LENGTHS, tables, q, kv)
+    assert backend._step.paged is not None, "the decodes took the gather path"
+    ref, _ = decode_step(
+        TorchBackend,
+        pool_of(cache.float(), block_size, torch.float32),
+        layer,
+        LENGTHS,
+        tables,
+        q.float(),
+        (kv[0].float(), kv[1].float()),
+    )
+    assert out.dtype == dtype
+    for i, n in enumerate(LENGTHS):
+        torch.testing.assert_close(
+            out[i].float(),
+            ref[i],
+            atol=TOLERANCE[dtype],
+            rtol=TOLERANCE[dtype],
+            msg=lambda m, i=i, n=n: (
+                f"sequence {i} (context {n}, window {window}, GQA {ratio}, "
+                f"head_dim {dim}, block {block_size}, {dtype}): {m}"
+            ),
+        )
+
+
+def test_kernel_reads_strided_queries_and_many_threads() -> None:
+    """q as the model hands it (a view into the fused QKV output, rows not contiguous) and
+    more OpenMP threads than items: same answer as the gather path."""
+    lengths, kv_heads, ratio, dim, block_size = [3, 40, 77], 2, 4, 64, 16
+    cache, tables, q, kv = random_case(lengths, kv_heads, ratio, dim, block_size, seed=7)
+    fused = torch.cat([q.flatten(1), torch.zeros(len(lengths), 3 * dim)], dim=1)
+    strided = fused[:, : q[0].numel()].view(q.shape)
+    assert not strided.is_contiguous()
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        out, backend = decode_step(
+            SdpaBackend, pool_of(cache, block_size, torch.float32), layer, lengths, tables,
+            strided, kv,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert backend._step.paged is not None
+    ref, _ = decode_step(
+        SdpaGatherBackend, pool_of(cache, block_size, torch.float32), layer, lengths, tables,
+        q, kv,
+    )  # fmt: skip
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_mixed_step_runs_decodes_in_the_kernel_and_prefills_as_before() -> None:
+    """Decodes then prefills (one fresh, one chunk after cached tokens) in one step."""
+    kv_heads, ratio, dim, block_size = 2, 4, 64, 16
+    spans = [(40, 1), (0, 1), (16, 1), (0, 20), (33, 9)]  # (cached, computed)
+    lengths = [c + n for c, n in spans]
+    cache, tables, _, _ = random_case(lengths, kv_heads, ratio, dim, block_size, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    tokens = sum(n for _, n in spans)
+    q = torch.randn(tokens, kv_heads * ratio, dim, generator=gen)
+    k, v = (torch.randn(tokens, kv_heads, dim, generator=gen) for _ in range(2))
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0, 24)
+    outs = {}
+    for cls in (TorchBackend, SdpaBackend):
+        backend = cls(pool_of(cache, block_size, torch.float32))
+        meta = build_metadata([c for c, _ in spans], [n for _, n in spans], tables, 16, CPU)
+        with step_context(meta, backend):
+            outs[cls.name] = layer(q, k, v)
+    assert backend._step.paged is not None and backend._step.paged.count == 3
+    torch.testing.assert_close(outs["sdpa"], outs["torch"], atol=2e-5, rtol=2e-5)
+
+
+def test_plan_keeps_the_gather_path_for_a_span_past_the_query() -> None:
+    tables = [[0, 1], [2, 3]]
+    meta = build_metadata([9, 20], [1, 1], tables, 16, CPU)
+    assert cpu_paged.plan(meta).count == 2
+    behind = meta.__class__(**{**meta.__dict__, "bidirectional": spans_of([[(2, 8)], []], 2)})
+    assert cpu_paged.plan(behind) is not None  # an image in the past: causal reaches it
+    ahead = meta.__class__(**{**meta.__dict__, "bidirectional": spans_of([[], [(18, 25)]], 2)})
+    assert cpu_paged.plan(ahead) is None
+    prefill_only = build_metadata([0], [5], [[0]], 16, CPU)
+    assert cpu_paged.plan(prefill_only) is None
+
+
+def test_build_is_cached_and_a_missing_compiler_is_one_warning(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cold build into an empty extensions dir logs that it compiles (this is the cold
+    compile time CI pays, about 2 s); the second finds it; without a compiler, None."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="vlmserve.cpu_paged"):
+        path = cpu_paged._build()
+        assert "compiling the CPU paged-decode attention kernel" in caplog.text
+        caplog.clear()
+        assert cpu_paged._build() == path and caplog.text == ""
+    assert os.path.dirname(os.path.dirname(path)) == str(tmp_path)
+    assert [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".so")] == [
+        "paged_decode.so"
+    ]
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="vlmserve.cpu_paged"):
+        assert cpu_paged._load() is None
+    assert "could not be built" in caplog.text and "gather path" in caplog.text
+
+
+def test_without_the_kernel_the_backend_gathers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_paged, "kernel", lambda: None)
+    lengths, kv_heads, ratio, dim = [5, 18, 33], 2, 4, 64
+    cache, tables, q, kv = random_case(lengths, kv_heads, ratio, dim, 16, seed=1)
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0)
+    out, backend = decode_step(
+        SdpaBackend, pool_of(cache, 16, torch.float32), layer, lengths, tables, q, kv
+    )
+    assert backend._step.paged is None
+    ref, _ = decode_step(
+        TorchBackend, pool_of(cache, 16, torch.float32), layer, lengths, tables, q, kv
+    )
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
