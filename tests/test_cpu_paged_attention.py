@@ -74,7 +74,7 @@ def pool_of(cache: torch.Tensor, block_size: int, dtype: torch.dtype) -> KVPool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 1, 5, 16, 40])
 @pytest.mark.parametrize("ratio", [1, 4, 7])
-@pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (128, 16), (80, 1), (64, 7)])
+@pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (128, 16), (80, 1), (72, 16), (64, 7)])
 def test_kernel_equals_reference(
     dim: int, block_size: int, ratio: int, window: int | None, dtype: torch.dtype
 ) -> None:
