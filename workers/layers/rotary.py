@@ -60,11 +60,6 @@ def mrope_axes(params: dict, frequencies: int) -> torch.Tensor | None:
     return axes
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to queries and keys at given positions, from a precomputed table.
 
@@ -106,7 +101,17 @@ class RotaryEmbedding(nn.Module):
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
-def apply_rope(rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+def apply_rope_(rope: Rope, x: torch.Tensor) -> torch.Tensor:
+    """RoPE in place on x: [tokens, heads, head_dim] (queries, keys, or both as one view of
+    the fused QKV output), as transformers' x * cos + rotate_half(x) * sin, bit for bit:
+    with x1, x2 the halves, x1 * cos - x2 * sin and x2 * cos + x1 * sin. Two temporaries of
+    half a head per head, no cat and no negation; returns x."""
     cos, sin = rope
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]  # the two halves share their angles
+    x1, x2 = x[..., :half], x[..., half:]
+    x1_sin = x1 * sin
+    x2_sin = x2 * sin
+    x1.mul_(cos).sub_(x2_sin)
+    x2.mul_(cos).add_(x1_sin)
+    return x

@@ -22,7 +22,7 @@ from vlmserve.workers.layers.linear import (
     RowParallelLinear,
 )
 from vlmserve.workers.layers.norm import RMSNorm
-from vlmserve.workers.layers.rotary import Rope, RotaryEmbedding, apply_rope
+from vlmserve.workers.layers.rotary import Rope, RotaryEmbedding, apply_rope_
 
 
 def head_dim_of(config: Any) -> int:
@@ -71,18 +71,25 @@ class LlamaAttention(nn.Module):
         # Qwen3: per-head RMSNorm of queries and keys (one weight shared by every head).
         norm = (lambda: RMSNorm(head_dim, config.rms_norm_eps)) if qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
+        self.qk_norm = qk_norm
         proj = self.qkv_proj
         self.attn = PagedAttention(
             proj.num_heads, proj.num_kv_heads, head_dim, head_dim**-0.5, layer_idx, sliding_window
         )
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        proj = self.qkv_proj
-        q, k, v = proj(x).split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, proj.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, proj.num_kv_heads, self.head_dim))
-        v = v.view(-1, proj.num_kv_heads, self.head_dim)
-        q, k = apply_rope(rope, q, k)
+        proj, dim = self.qkv_proj, self.head_dim
+        qkv = proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim], ours to write
+        heads = proj.num_heads + proj.num_kv_heads
+        if self.qk_norm:  # new q and k from their norms, each rotated in place
+            q, k, v = qkv.split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
+            q = apply_rope_(rope, self.q_norm(q.view(-1, proj.num_heads, dim)))
+            k = apply_rope_(rope, self.k_norm(k.view(-1, proj.num_kv_heads, dim)))
+        else:  # queries and keys rotated together, in place in the GEMM's output
+            qk = apply_rope_(rope, qkv[:, : heads * dim].view(-1, heads, dim))
+            q, k = qk.split([proj.num_heads, proj.num_kv_heads], dim=1)
+            v = qkv[:, heads * dim :]
+        v = v.view(-1, proj.num_kv_heads, dim)
         out = self.attn(q, k, v)  # [tokens, heads, head_dim]
         return self.o_proj(out.flatten(1))
 
@@ -98,7 +105,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # one temporary, not two
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -118,8 +125,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config) if mlp is None else mlp
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The residual adds go into the sublayers' outputs, fresh tensors (linear layers, MoE
+        # blocks): a + x == x + a bit for bit, no new tensor per add, and `x` (at layer 0 maybe
+        # the caller's embeddings) is never written.
+        x = self.self_attn(rope, self.input_layernorm(x)).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class LlamaModel(nn.Module):
