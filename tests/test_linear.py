@@ -1,14 +1,16 @@
 """The linear layers' CPU GEMM paths against plain torch.
 
-`--cpu-gemm onednn` (opt-in: the worker's RSS grows under tests/test_soak.py's load) runs every
-linear layer, the LM head and the plain nn.Linear layers of transformers' vision towers on a
-weight packed once by oneDNN; `--cpu-gemm aten` (the default) keeps `F.linear`. Both must
-compute what `F.linear` does on the loaded weight: over batch sizes 0..360, with and without
-bias, float32 and bfloat16, tensor-parallel shards, a tied LM head, and a whole model against
-transformers.
+`--cpu-gemm onednn` (the default) runs every linear layer, the LM head and the plain nn.Linear
+layers of transformers' vision towers on a weight packed once by oneDNN, with the rows padded
+to a bounded set of counts (oneDNN keeps kernels per row count); `--cpu-gemm aten` keeps
+`F.linear`. Both must compute what `F.linear` does on the loaded weight: over batch sizes
+0..360, with and without bias, float32 and bfloat16, tensor-parallel shards, a tied LM head,
+and a whole model against transformers.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -31,14 +33,17 @@ from vlmserve.workers.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    gemm_rows,
+    linear,
     onednn_packs,
     pack_linears,
     pack_weight,
+    warm_gemms,
 )
 from vlmserve.workers.loader import load_model
 
 CPU = torch.device("cpu")
-BATCHES = [0, 1, 3, 8, 33, 360]
+BATCHES = [0, 1, 3, 8, 33, 360]  # 33 and 360 run padded (to 36 and 384 rows)
 # (out, in): the q30m's QKV and down projections, and odd sizes no kernel tiles evenly.
 SIZES = [(768, 512), (512, 1024), (37, 19)]
 # oneDNN sums in another order than MKL: float32 agrees to rounding, bfloat16 to its own.
@@ -77,7 +82,14 @@ def test_onednn_linear_takes_any_input_layout() -> None:
     """Inputs as the models hand them over: 3-D, column slices of a wider tensor, transposed."""
     layer = random_layer(96, 64, True, torch.float32)
     layer.pack("onednn")
-    inputs = [torch.randn(2, 5, 64), torch.randn(7, 128)[:, 32:96], torch.randn(64, 9).t()]
+    inputs = [
+        torch.randn(2, 5, 64),
+        torch.randn(3, 7, 64),  # 21 rows, padded to 22
+        torch.randn(7, 128)[:, 32:96],
+        torch.randn(64, 9).t(),
+        torch.randn(40, 128)[:, 32:96],  # 40 rows of a slice, padded to 40: as they are
+        torch.randn(3, 41, 64)[:, 1:],  # 120 rows, padded to 120, from a 3-D slice
+    ]
     for x in inputs:
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -188,6 +200,92 @@ def test_transformers_nn_linear_runs_packed(bias: bool) -> None:
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert pack_linears(tower, "aten") == 0 and "forward" not in vars(layer)
     assert torch.equal(layer(x), expected)
+
+
+def test_gemm_rows_are_few_and_close_above() -> None:
+    """Row counts up to 16 as they are; above, at most 1/8 more rows; 72 counts up to 2048."""
+    counts = [gemm_rows(m) for m in range(0, 5000)]
+    assert counts[:17] == list(range(17))
+    assert all(m <= c <= m * 9 / 8 for m, c in enumerate(counts) if m)
+    assert all(gemm_rows(c) == c for c in counts)  # a padded count is its own bucket
+    assert len(set(counts[1:2049])) == 72 and len(set(counts[1:])) == 82
+
+
+class GemmCalls:
+    """oneDNN's linear calls of a test, recorded by (weight shape, rows)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: list[tuple[tuple[int, ...], int]] = []
+        run = torch.ops.mkldnn._linear_pointwise
+
+        def record(x: torch.Tensor, packed: torch.Tensor, *args: object) -> torch.Tensor:
+            self.seen.append((tuple(packed.shape), x.shape[0]))
+            return run(x, packed, *args)
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", record)
+
+
+def test_onednn_sees_only_bucketed_row_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row count from 1 to 300 reaches oneDNN as one of 50 counts."""
+    calls = GemmCalls(monkeypatch)
+    layer = random_layer(24, 16, True, torch.float32)
+    layer.pack("onednn")
+    for m in range(1, 301):
+        x = torch.randn(m, 16)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    rows = [r for _, r in calls.seen]
+    assert len(rows) == 300 and rows == [gemm_rows(m) for m in range(1, 301)]
+    assert len(set(rows)) == 16 + 8 * 4 + 2  # 1..16, 18..32 by 2, ..., 136..256 by 16, 288, 320
+
+
+def test_warm_gemms_builds_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One GEMM per distinct (weight shape, bias, row count), layers of one shape shared, the
+    LM head up to its own row limit; a step of any size afterwards runs one of them."""
+    model = nn.Sequential(
+        MergedColumnParallelLinear(32, [48, 48]),
+        MergedColumnParallelLinear(32, [48, 48]),  # same GEMM as the first
+        RowParallelLinear(96, 32, bias=True),  # its bias is added after the GEMM
+        LinearBase(32, 32, bias=True),
+        ParallelLMHead(50, 32),
+        nn.Linear(32, 8),  # a tower's layer: its row counts are the images', not warmed
+    )
+    assert pack_linears(model, "onednn") == 6
+    calls = GemmCalls(monkeypatch)
+    built = warm_gemms(model, max_rows=100, max_logit_rows=20)
+    to_100, to_20 = (len({gemm_rows(m) for m in range(1, top + 1)}) for top in (100, 20))
+    assert built == 3 * to_100 + to_20 == len(calls.seen) == len(set(calls.seen))
+    warmed = set(calls.seen)
+    assert {shape for shape, _ in warmed} == {(96, 32), (32, 96), (32, 32), (50, 32)}
+    calls.seen.clear()
+    for m in (1, 7, 17, 33, 99, 100):
+        for layer in model[:4]:
+            layer(torch.randn(m, layer.weight.shape[1]))
+    for m in (1, 13, 20):
+        model[4].compute_logits(torch.randn(m, 32))
+    assert calls.seen and set(calls.seen) <= warmed
+    assert warm_gemms(nn.Sequential(LinearBase(32, 32, bias=False)), 100, 20) == 0  # unpacked
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def test_memory_stays_flat_over_new_step_sizes() -> None:
+    """The cause of issue 10's growth, bounded: oneDNN keeps a few hundred KiB per row count it
+    ran a weight at. After warm_gemms, the 400 row counts up to 400 add ~2.6 MB (measured here);
+    bucketed but not warmed, 33 MB; neither, ~600 KiB each (~240 MB)."""
+    weight = torch.randn(72, 40)  # a shape no other test runs, so no kernel of it is cached
+    packed = pack_weight(weight, "onednn")
+    layer = nn.Module()
+    layer.weight, layer.bias, layer.packed = weight, None, packed
+    with torch.inference_mode():
+        warm_gemms(layer, max_rows=400, max_logit_rows=1)
+        linear(torch.randn(400, 40), weight, None, packed)
+        before = rss_kib()
+        for m in np.random.default_rng(0).permutation(np.arange(1, 401)):
+            linear(torch.randn(int(m), 40), weight, None, packed)
+    assert rss_kib() - before < 12 * 1024, f"{rss_kib() - before} KiB more"
 
 
 @pytest.fixture(scope="module")

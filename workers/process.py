@@ -42,10 +42,12 @@ from vlmserve.shared.sockets import Codec, make_socket
 from vlmserve.workers.attention.registry import attention_backend
 from vlmserve.workers.grammar import GrammarBackend, logits_width
 from vlmserve.workers.kv_pool import KVPool, num_blocks_for
+from vlmserve.workers.layers.linear import warm_gemms
 from vlmserve.workers.loader import load_model
 from vlmserve.workers.logits_processors import FACTORIES
 from vlmserve.workers.model_runner import ModelRunner
 from vlmserve.workers.parallel import join_group, local_rank
+from vlmserve.workers.prompt_logprobs import ROWS_PER_PASS
 
 HEARTBEAT_S = 0.5
 
@@ -118,6 +120,11 @@ def serve(config: Config) -> int:
         backend = attention_backend(config.attention_backend)  # refused before loading
         group = join_group(config, device)  # before the model: layers shard by the group
         model = load_model(config.model, dtype, device, config.cpu_gemm)
+        # oneDNN's kernels for every step size now, not as the load brings new sizes (linear.py)
+        logit_rows = min(config.max_batched_tokens, max(config.max_batch_size, ROWS_PER_PASS))
+        began = time.monotonic()
+        if built := warm_gemms(model, config.max_batched_tokens, logit_rows):
+            log.info("oneDNN GEMMs for %d shapes built in %.1f s", built, time.monotonic() - began)
         info = read_model_info(config.model)
         factories = FACTORIES
         if config.rank == 0:  # reads the vocabulary in a thread while the cache is allocated

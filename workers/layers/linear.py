@@ -9,6 +9,17 @@ On CPU the matmuls go through oneDNN with the weight prepacked once after loadin
 (`pack_linears`, `--cpu-gemm onednn`): `F.linear` there is MKL's sgemm, which on AMD CPUs runs
 1.5-3x slower for these shapes (bench/ceiling.py prints both). The parameter itself stays as
 loaded (a tied embedding reads it; `--cpu-gemm aten` and CUDA use it through `F.linear`).
+
+oneDNN keeps what it builds for each input shape: ideep's cache of inner products (capacity
+`LRU_CACHE_CAPACITY`, 1024 by default) and oneDNN's own primitive cache (1024), each entry
+holding its JIT-compiled kernels, ~300-600 KiB per (rows, weight) pair measured here. A step's
+row count (its token count) is new on nearly every step under a mixed load, so a worker's RSS
+grew by that much per new count until both caches filled (a GB and more for the q30m). `linear`
+therefore runs oneDNN on a bounded set of row counts (`gemm_rows`), padding the input, and
+`warm_gemms` builds them all for the decoder before the first request (~1 s and ~200-290 MB
+for the q30m or a tiny test model), so the worker's memory is flat under load; the vision
+towers' nn.Linear layers, whose rows are image patches, are bounded alike but not warmed.
+Emptying the caches instead (both capacities 0) costs ~1.4 ms per call in rebuilding.
 """
 
 from __future__ import annotations
@@ -69,13 +80,58 @@ def pack_weight(weight: torch.Tensor, cpu_gemm: str) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
 
 
+# Row counts up to this run as they are: padding 1 row to 8 doubles a decode GEMM's time.
+EXACT_ROWS = 16
+
+
+def gemm_rows(rows: int) -> int:
+    """The row count oneDNN computes `rows` rows with: `rows` up to EXACT_ROWS, above it `rows`
+    rounded up to one of 8 counts per power of two (at most 1/8 more rows), so a server sees
+    ~16 + 8 * log2(most rows / 16) shapes per weight whatever its load (72 up to 2048 rows)."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)  # rows in [2^k, 2^(k+1)): step 2^(k-3)
+    return -(-rows // step) * step
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
 ) -> torch.Tensor:
     """x @ weight.T + bias, through `packed` (pack_weight's) when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    features = x.shape[-1]
+    rows = x.numel() // features if features else 0
+    padded = gemm_rows(rows)
+    if padded == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    x2 = F.pad(x.reshape(rows, features), (0, 0, 0, padded - rows))  # [padded, in]
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")[:rows]
+    return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., out]
+
+
+def warm_gemms(model: nn.Module, max_rows: int, max_logit_rows: int) -> int:
+    """Run each distinct packed GEMM of `model` once per row count `linear` hands oneDNN for 1 to
+    `max_rows` rows (a step's token budget; the LM head, which takes the rows it samples or
+    scores: 1 to `max_logit_rows`), so that oneDNN builds and caches every kernel the worker will
+    run now, not a few hundred KiB at a time on steps of a size not seen before. Layers of one
+    shape share their kernels: one of them runs. Returns how many GEMMs were built."""
+    built: set[tuple] = set()
+    with torch.inference_mode():
+        for module in model.modules():
+            packed = getattr(module, "packed", None)
+            if packed is None:
+                continue
+            # The row-parallel layer adds its bias after the all-reduce: its GEMM has none.
+            bias = None if isinstance(module, RowParallelLinear) else getattr(module, "bias", None)
+            top = max_logit_rows if hasattr(module, "compute_logits") else max_rows
+            weight = module.weight
+            for rows in sorted({gemm_rows(m) for m in range(1, top + 1)}):
+                key = (tuple(weight.shape), weight.dtype, bias is not None, rows)
+                if key not in built:
+                    built.add(key)
+                    linear(weight.new_zeros(rows, weight.shape[1]), weight, bias, packed)
+    return len(built)
 
 
 def pack_linears(model: nn.Module, cpu_gemm: str) -> int:
