@@ -23,7 +23,14 @@ import transformers
 from hf_reference import hf_greedy
 from PIL import Image
 from server_fixtures import local_config
-from vlm_reference import VLMReference, greedy_chats, template_messages, user_turn, with_image_urls
+from vlm_reference import (
+    VLMReference,
+    assert_served_like_transformers,
+    greedy_chats,
+    template_messages,
+    user_turn,
+    with_image_urls,
+)
 
 from vlmserve.deploy.launcher import server
 from vlmserve.scheduler.scheduler import Scheduler
@@ -186,14 +193,9 @@ def test_served_like_transformers(checkpoint: str, tmp_path_factory) -> None:  #
                 model="ckpt", messages=with_image_urls(typed, make_images(), None), max_tokens=2
             )
         assert err.value.body["param"] == "messages", err.value.body
-    for label, replies in (("first", first), ("cached", again)):
-        for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
-            what = f"{label} round, request {i} ({len(CHATS[i][1])} images)"
-            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
-            assert reply.choices[0].message.content == texts[i], (
-                f"{what}: differs from transformers' greedy tokens {tokens}"
-            )
-            assert reply.usage.completion_tokens == len(tokens), what
+    assert_served_like_transformers(
+        {"first": first, "cached": again}, expected, texts, [len(idx) for _, idx in CHATS]
+    )
 
 
 def test_text_only_served_like_transformers(

@@ -24,6 +24,7 @@ from PIL import Image
 from server_fixtures import file_server, local_config
 from vlm_reference import (
     VLMReference,
+    assert_served_like_transformers,
     greedy_chats,
     idefics3_processor,
     template_messages,
@@ -215,11 +216,6 @@ def test_served_like_transformers(
     with server(config, os.path.join(config.ipc_dir, "server.log")) as srv:
         first = ask_all(srv["url"])
         again = ask_all(srv["url"])  # encoder cache, prefixes cut mid-image
-    for label, replies in (("first", first), ("cached", again)):
-        for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
-            what = f"{label} round, request {i} ({len(CHATS[i][1])} images)"
-            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
-            assert reply.choices[0].message.content == texts[i], (
-                f"{what}: differs from transformers' greedy tokens {tokens}"
-            )
-            assert reply.usage.completion_tokens == len(tokens), what
+    assert_served_like_transformers(
+        {"first": first, "cached": again}, expected, texts, [len(idx) for _, idx in CHATS]
+    )

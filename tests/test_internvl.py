@@ -26,7 +26,13 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 from server_fixtures import local_config, metrics, wait_for
-from vlm_reference import VLMReference, data_url, internvl_processor
+from vlm_reference import (
+    VLMReference,
+    assert_served_like_transformers,
+    data_url,
+    internvl_processor,
+    with_images_in_order,
+)
 
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.models import checkpoint_spec
@@ -147,27 +153,13 @@ def test_internvl3_5_tp2_chunks_and_prefix_cache_cut_through_tiles(
         num_kv_blocks=256,
     )  # fmt: skip
 
-    def with_urls(messages: list[dict], images: list[Image.Image]) -> list[dict]:
-        urls = iter(data_url(img) for img in images)
-        out = []
-        for m in messages:
-            content = m["content"]
-            if isinstance(content, list):
-                content = [
-                    {"type": "image_url", "image_url": {"url": next(urls)}}
-                    if p["type"] == "image_url" else p
-                    for p in content
-                ]  # fmt: skip
-            out.append({"role": m["role"], "content": content})
-        return out
-
     async def ask(url: str, order: list[int]) -> dict[int, object]:
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         try:
             jobs = [
                 client.chat.completions.create(
                     model="ckpt",
-                    messages=with_urls(*chats[i]),
+                    messages=with_images_in_order(*chats[i]),
                     max_tokens=MAX_NEW,
                     temperature=0,
                 )  # fmt: skip
@@ -197,16 +189,11 @@ def test_internvl3_5_tp2_chunks_and_prefix_cache_cut_through_tiles(
             client.chat.completions.create(model="ckpt", messages=typed, max_tokens=2)
         assert err.value.body["param"] == "messages", err.value.body
         after = client.chat.completions.create(
-            model="ckpt", messages=with_urls(*chats[0]), max_tokens=MAX_NEW, temperature=0
+            model="ckpt",
+            messages=with_images_in_order(*chats[0]),
+            max_tokens=MAX_NEW,
+            temperature=0,
         )
         assert after.choices[0].message.content == texts[0]
     assert hits > 0
-    for label, replies in rounds.items():
-        for i, reply in replies.items():
-            prompt_len, tokens = expected[i]
-            what = f"{label} round, chat {i} ({len(chats[i][1])} images)"
-            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
-            assert reply.choices[0].message.content == texts[i], (
-                f"{what}: differs from transformers' greedy tokens {tokens}"
-            )
-            assert reply.usage.completion_tokens == len(tokens), what
+    assert_served_like_transformers(rounds, expected, texts, [len(c[1]) for c in chats])

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from server_fixtures import file_server, local_config, metrics, wait_for
 from vlm_reference import (
     VLMReference,
+    assert_served_like_transformers,
     greedy_chats,
     pixtral_processor,
     template_messages,
@@ -263,11 +264,6 @@ def test_served_like_transformers(
         )
         assert after.choices[0].message.content == texts[3]
     assert hits > 0
-    for label, replies in (("first", first), ("cached", again)):
-        for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
-            what = f"{label} round, request {i} ({len(CHATS[i][1])} images)"
-            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
-            assert reply.choices[0].message.content == texts[i], (
-                f"{what}: differs from transformers' greedy tokens {tokens}"
-            )
-            assert reply.usage.completion_tokens == len(tokens), what
+    assert_served_like_transformers(
+        {"first": first, "cached": again}, expected, texts, [len(idx) for _, idx in CHATS]
+    )

@@ -21,7 +21,7 @@ import transformers
 from hf_reference import compare_greedy, hf_greedy
 from PIL import Image
 from server_fixtures import local_config
-from vlm_reference import VLMReference, data_url
+from vlm_reference import VLMReference, assert_served_like_transformers, with_images_in_order
 
 from vlmserve.deploy.launcher import scheduler_and_workers, server
 from vlmserve.frontend.offline import run_requests
@@ -79,21 +79,6 @@ def _chats() -> list[tuple[list[dict], int]]:
     ]
 
 
-def _with_urls(messages: list[dict]) -> list[dict]:
-    urls = iter(data_url(image) for image in _images())
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "image_url", "image_url": {"url": next(urls)}}
-                if p["type"] == "image_url" else p
-                for p in content
-            ]  # fmt: skip
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_qwen3_vl_tp2_prefill_chunks_through_images(
     tmp_path_factory: pytest.TempPathFactory, moe: bool
@@ -119,7 +104,7 @@ def test_qwen3_vl_tp2_prefill_chunks_through_images(
             jobs = [
                 client.chat.completions.create(
                     model="ckpt",
-                    messages=_with_urls(messages),
+                    messages=with_images_in_order(messages, _images()),
                     max_tokens=MAX_NEW,
                     temperature=0,
                 )  # fmt: skip
@@ -132,10 +117,6 @@ def test_qwen3_vl_tp2_prefill_chunks_through_images(
     with server(config, os.path.join(str(root), "server.log")) as srv:
         first = asyncio.run(ask_all(srv["url"]))
         again = asyncio.run(ask_all(srv["url"]))  # prefixes from the cache, cut mid-image
-    for label, replies in (("first", first), ("cached", again)):
-        for i, (reply, (prompt_len, tokens)) in enumerate(zip(replies, expected, strict=True)):
-            what = f"{label} round, chat {i} ({chats[i][1]} images)"
-            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
-            assert reply.choices[0].message.content == texts[i], (
-                f"{what}: differs from transformers' greedy tokens {tokens}"
-            )
+    assert_served_like_transformers(
+        {"first": first, "cached": again}, expected, texts, [n for _, n in chats]
+    )

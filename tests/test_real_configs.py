@@ -19,7 +19,7 @@ import transformers
 from hf_reference import compare_greedy, hf_greedy
 from PIL import Image
 from server_fixtures import engine_greedy, local_config
-from vlm_reference import VLMReference, data_url, template_messages
+from vlm_reference import VLMReference, template_messages, with_images_in_order
 
 from vlmserve.deploy.launcher import server
 from vlmserve.shared.models import checkpoint_spec, supported_architectures
@@ -90,21 +90,6 @@ def _chats(vision: bool) -> list[tuple[list[dict], int]]:
                                         {"type": "image_url", "image_url": {"url": "IMG"}},
                                         {"type": "text", "text": "Compare them"}]}]  # fmt: skip
     return [(text, 0), (one, 1), (two, 2)]
-
-
-def _with_images(messages: list[dict], images: list[Image.Image]) -> list[dict]:
-    urls = iter(data_url(img) for img in images)
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "image_url", "image_url": {"url": next(urls)}}
-                if p["type"] == "image_url" else p
-                for p in content
-            ]  # fmt: skip
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 def _rendered(tok: object, messages: list[dict]) -> str:
@@ -224,7 +209,7 @@ def test_real_config_serves_like_transformers(name: str, tmp_path_factory) -> No
             label = f"{name} chat {i} ({count} images)"
             if has_template:
                 reply = client.chat.completions.create(
-                    model=model, messages=_with_images(messages, _images()[:count]),
+                    model=model, messages=with_images_in_order(messages, _images()[:count]),
                     max_tokens=MAX_NEW, temperature=0,
                 )  # fmt: skip
                 answer = reply.choices[0].message.content

@@ -69,6 +69,22 @@ def with_image_urls(
     return out
 
 
+def with_images_in_order(messages: list[dict], images: list[Image.Image]) -> list[dict]:
+    """`messages` with their image_url parts, in order, showing `images` as data URLs."""
+    urls = iter(data_url(image) for image in images)
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image_url", "image_url": {"url": next(urls)}}
+                if p["type"] == "image_url" else p
+                for p in content
+            ]  # fmt: skip
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 def internvl_processor(model_dir: str) -> transformers.InternVLProcessor:
     """transformers' InternVLProcessor for a checkpoint (its image processor, tokenizer and
     image_seq_length). Loading it needs torchvision for the video processor, which has no build
@@ -206,6 +222,30 @@ class VLMReference:
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def assert_served_like_transformers(
+    rounds: dict[str, list | dict],
+    expected: list[tuple[int, list[int]]],
+    texts: list[str],
+    image_counts: list[int],
+) -> None:
+    """Every reply of every round (a list of replies in chat order, or {chat index: reply})
+    against transformers' greedy `generate` of its chat: exact usage.prompt_tokens, the same
+    text and as many completion tokens. A mismatch names the round, the chat and the
+    reference's tokens."""
+    for label, replies in rounds.items():
+        if isinstance(replies, list):
+            assert len(replies) == len(expected), f"{label} round: {len(replies)} replies"
+            replies = dict(enumerate(replies))
+        for i, reply in replies.items():
+            prompt_len, tokens = expected[i]
+            what = f"{label} round, chat {i} ({image_counts[i]} images)"
+            assert reply.usage.prompt_tokens == prompt_len, f"{what}: prompt tokens"
+            assert reply.choices[0].message.content == texts[i], (
+                f"{what}: differs from transformers' greedy tokens {tokens}"
+            )
+            assert reply.usage.completion_tokens == len(tokens), what
 
 
 def greedy_chats(url: str, conversations: list[list[dict]], max_tokens: int) -> list:
