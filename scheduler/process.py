@@ -48,6 +48,10 @@ from vlmserve.shared.sockets import Codec, make_socket
 
 STATUS_EVERY_S = 0.5
 EXPIRE_EVERY_S = 0.1
+# How long a loading worker may be silent: imports, weight loading and the tokenizer built
+# for grammars hold Python's GIL in stretches that a busy host stretches past seconds (a
+# worker starved this way failed a gemma-3 server's start at load 7 on 2 cores).
+LOADING_SILENCE_S = 60.0
 
 log = logging.getLogger("vlmserve.scheduler")
 
@@ -90,6 +94,7 @@ class SchedulerService:
         self.plan_codec = Codec(SchedulerMsg)
         self.topic_seq: dict[str, int] = defaultdict(int)
         self.last_seen: dict[int, float] = {}
+        self.instances: dict[int, str] = {}  # each rank's process, from its heartbeats
         self.scheduler: Scheduler | None = None
         self.in_flight: float | None = None  # when the step in flight was sent
         self.stats = StepStats()
@@ -136,7 +141,10 @@ class SchedulerService:
 
     def handle_worker(self, msg: WorkerMsg) -> WorkerReady | None:
         match msg:
-            case Heartbeat(rank=rank):
+            case Heartbeat(rank=rank, instance=instance):
+                known = self.instances.setdefault(rank, instance)
+                if known != instance:  # restarted by its supervisor before it was missed
+                    raise WorkerLost(f"worker rank {rank} restarted (a new process)")
                 self.last_seen[rank] = time.monotonic()
             case WorkerReady(rank=rank):
                 self.last_seen[rank] = time.monotonic()
@@ -170,7 +178,7 @@ class SchedulerService:
                         msg.num_blocks,
                     )
             self.drain_requests()  # answer hellos so frontends can start while we load
-            self.check_liveness(self.config.worker_timeout)
+            self.check_liveness(max(self.config.worker_timeout, LOADING_SILENCE_S))
             if self.stopping:
                 raise Stopped("stopped before the workers were ready")
             if time.monotonic() > deadline:

@@ -57,7 +57,9 @@ HELP: dict[str, str] = {
     "cpu_gemm": "kernel of the linear layers on cpu: onednn (the default: weights prepacked once "
     "at load, ~1.3x faster than aten on AMD; its kernels for every step size are built at "
     "start-up) or aten (torch's F.linear, MKL's sgemm on x86)",
-    "worker_timeout": "seconds without a heartbeat after which a worker counts as dead",
+    "worker_timeout": "seconds without a heartbeat after which a serving worker counts as dead "
+    "(a loading one gets at least 60); native calls that hold Python's GIL, such as building a "
+    "tokenizer or a grammar, can silence a worker for seconds on a busy host",
     "worker_startup_timeout": "seconds the scheduler waits for every worker to load and report "
     "ready",
     "seed": "seed for requests that bring none",
@@ -139,7 +141,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     num_kv_blocks: int = 0
     attention_backend: str = "sdpa"
     cpu_gemm: str = "onednn"
-    worker_timeout: float = 3.0
+    worker_timeout: float = 10.0
     worker_startup_timeout: float = 900.0
     seed: int = 0
     log_level: str = "INFO"

@@ -255,6 +255,9 @@ class WorkerReady(msgspec.Struct, tag=True, **HOT):
 
 class Heartbeat(msgspec.Struct, tag=True, **HOT):
     rank: int
+    # One per worker process: a new one for a rank means the rank's old process died and a
+    # supervisor started another, which the group must not mistake for the same rank.
+    instance: str = ""
 
 
 class StepResult(msgspec.Struct, tag=True, **HOT):

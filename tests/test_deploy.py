@@ -261,6 +261,7 @@ def test_units_restart_the_group_when_a_worker_dies(tmp_path: Path, demo_checkpo
         "VLMSERVE_FRONTEND_WORKERS": "1",
         "VLMSERVE_NUM_KV_BLOCKS": "256",
         "HF_HOME": str(tmp_path / "hf"),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
     }
     env_file.write_text(env_lines(UNITS_DIR / "vlmserve.env", settings))
     units_dir = tmp_path / "config" / "systemd" / "user"
@@ -306,6 +307,8 @@ def test_units_restart_the_group_when_a_worker_dies(tmp_path: Path, demo_checkpo
                 assert time.monotonic() < deadline, f"group not back: {now}\n" + journal()
                 time.sleep(0.5)
             assert_completion(complete(url))
+            # The workers built their CPU decode kernel where the env file says.
+            assert list((tmp_path / "torch_extensions").glob("*/paged_decode.so")), journal()
 
             # Stopping the scheduler stops the group; systemctl may return before the last
             # PartOf= member (the frontend, draining) has finished stopping.

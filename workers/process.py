@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -77,10 +78,11 @@ def heartbeat_loop(ctx: zmq.Context, config: Config, stop: threading.Event) -> N
     sock = make_socket(ctx, zmq.PUSH, config.address("results"), bind=False)
     monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     codec = Codec(WorkerMsg)
+    instance = f"{os.getpid()}-{secrets.token_hex(4)}"
     lost_since: float | None = None
     while not stop.is_set():  # the first at once: from then on the scheduler watches us
         with contextlib.suppress(zmq.Again):  # a queue full of heartbeats: skip this one
-            sock.send(codec.encode(Heartbeat(rank=config.rank)), zmq.NOBLOCK)
+            sock.send(codec.encode(Heartbeat(rank=config.rank, instance=instance)), zmq.NOBLOCK)
         stop.wait(HEARTBEAT_S)
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
