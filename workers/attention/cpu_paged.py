@@ -111,6 +111,11 @@ static void to_float(const void *p, int64_t at, int64_t n, int dt, float *restri
     }
 }
 
+/* `bytes` from p into the cache, a 64-byte line at a time (a row the next run will read). */
+static inline void prefetch_row(const char *p, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + c);
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define FOLDED 1
 typedef float v16 __attribute__((vector_size(64)));
@@ -150,8 +155,7 @@ static inline __attribute__((always_inline)) void scores16(
                 for (int64_t c = 0; c < dim; c += 16)
                     acc += load16(qg + c) * load16(kr + t * dim + c);
             if (g == 0 && ahead && t < n) /* the next run's row t, as in attend_one */
-                for (int64_t c = 0; c < dim * esize; c += 64)
-                    __builtin_prefetch(ahead + t * dim * esize + c);
+                prefetch_row(ahead + t * dim * esize, dim * esize);
             p[t] = acc;
         }
         for (int i = 0; i < 8; i++) p[i] = fold(p[2 * i], p[2 * i + 1], a1, b1);
@@ -211,9 +215,7 @@ static inline __attribute__((always_inline)) void attend_one(
         } else {
             for (int64_t t = 0; t < n; t++) {
                 const float *kt = kr + t * dim;
-                if (ahead)
-                    for (int64_t c = 0; c < dim * esize; c += 64)
-                        __builtin_prefetch(ahead + t * dim * esize + c);
+                if (ahead) prefetch_row(ahead + t * dim * esize, dim * esize);
                 for (int64_t g = 0; g < group; g++) {
                     const float *qg = qf + g * dim;
                     float a = 0.f;
@@ -243,9 +245,7 @@ static inline __attribute__((always_inline)) void attend_one(
         }
         for (int64_t t = 0; t < n; t++) {
             const float *vt = vr + t * dim;
-            if (ahead)
-                for (int64_t c = 0; c < dim * esize; c += 64)
-                    __builtin_prefetch(v_ahead + t * dim * esize + c);
+            if (v_ahead) prefetch_row(v_ahead + t * dim * esize, dim * esize);
             for (int64_t g = 0; g < group; g++) {
                 float p = sc[g * CHUNK + t], *ag = acc + g * dim;
 #pragma omp simd

@@ -116,6 +116,8 @@ def warm_gemms(model: nn.Module, max_rows: int, max_logit_rows: int) -> int:
     scores: 1 to `max_logit_rows`), so that oneDNN builds and caches every kernel the worker will
     run now, not a few hundred KiB at a time on steps of a size not seen before. Layers of one
     shape share their kernels: one of them runs. Returns how many GEMMs were built."""
+    counts = {top: sorted({gemm_rows(m) for m in range(1, top + 1)})
+              for top in (max_rows, max_logit_rows)}  # fmt: skip
     built: set[tuple] = set()
     with torch.inference_mode():
         for module in model.modules():
@@ -126,7 +128,7 @@ def warm_gemms(model: nn.Module, max_rows: int, max_logit_rows: int) -> int:
             bias = None if isinstance(module, RowParallelLinear) else getattr(module, "bias", None)
             top = max_logit_rows if hasattr(module, "compute_logits") else max_rows
             weight = module.weight
-            for rows in sorted({gemm_rows(m) for m in range(1, top + 1)}):
+            for rows in counts[top]:
                 key = (tuple(weight.shape), weight.dtype, bias is not None, rows)
                 if key not in built:
                     built.add(key)
