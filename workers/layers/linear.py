@@ -105,7 +105,10 @@ def linear(
     padded = gemm_rows(rows)
     if padded == rows:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    x2 = F.pad(x.reshape(rows, features), (0, 0, 0, padded - rows))  # [padded, in]
+    # Not F.pad: it fills the whole output and then copies the input over it.
+    x2 = x.new_empty(padded, features)  # [padded, in]
+    x2[:rows].copy_(x.reshape(rows, features))
+    x2[rows:].zero_()
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")[:rows]
     return y.reshape(*x.shape[:-1], y.shape[-1])  # [..., out]
 
