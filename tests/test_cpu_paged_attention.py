@@ -203,3 +203,150 @@ def test_without_the_kernel_the_backend_gathers(monkeypatch: pytest.MonkeyPatch)
         TorchBackend, pool_of(cache, 16, torch.float32), layer, lengths, tables, q, kv
     )
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+# One step of the prefill kernel's cases, as (tokens cached, tokens computed): two decodes
+# first (the kernel's rows start past them), fresh prompts across block boundaries of 16
+# and 32, a one-token prefill after the first prefill (not a decode), and chunks after 1,
+# 16 and 100 cached tokens.
+PREFILL_STEP = [
+    (29, 1), (199, 1),
+    (0, 2), (0, 1), (0, 15), (0, 16), (0, 17), (0, 100), (0, 360),
+    (1, 40), (16, 17), (100, 33), (31, 2), (64, 1),
+]  # fmt: skip
+
+
+def prefill_step(
+    backend_cls: type,
+    cache: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+    layer: PagedAttention,
+    spans: list[tuple[int, int]],
+    tables: list[list[int]],
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bidirectional: list | None = None,
+) -> tuple[torch.Tensor, object]:
+    backend = backend_cls(pool_of(cache, block_size, dtype))
+    meta = build_metadata(
+        [c for c, _ in spans], [n for _, n in spans], tables, block_size, CPU, bidirectional
+    )
+    with step_context(meta, backend):
+        out = layer(*qkv)
+    return out, backend
+
+
+def random_prefills(
+    spans: list[tuple[int, int]], kv_heads: int, ratio: int, dim: int, block_size: int, seed: int
+) -> tuple[torch.Tensor, list[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A random float32 cache with scattered tables for `spans`, and the step's q, k, v."""
+    cache, tables, _, _ = random_case(
+        [c + n for c, n in spans], kv_heads, ratio, dim, block_size, seed
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    tokens = sum(n for _, n in spans)
+    q = torch.randn(tokens, kv_heads * ratio, dim, generator=gen)
+    k, v = (torch.randn(tokens, kv_heads, dim, generator=gen) for _ in range(2))
+    return cache, tables, (q, k, v)
+
+
+def assert_rows_close(out, ref, spans, dtype, case: str) -> None:
+    """Each sequence's rows, failing with the sequence, its span and the max error."""
+    row = 0
+    for i, (cached, n) in enumerate(spans):
+        got, want = out[row : row + n].float(), ref[row : row + n].float()
+        err = float((got - want).abs().max())
+        torch.testing.assert_close(
+            got,
+            want,
+            atol=TOLERANCE[dtype],
+            rtol=TOLERANCE[dtype],
+            msg=lambda m, i=i, cached=cached, n=n, err=err: (
+                f"sequence {i} ({n} tokens after {cached} cached; {case}): max error {err:.3g}\n{m}"
+            ),
+        )
+        row += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 7, 100, 1000])
+@pytest.mark.parametrize("ratio", [1, 2, 4, 7])
+@pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (128, 32), (80, 1), (72, 16)])
+def test_prefill_kernel_equals_reference(
+    dim: int, block_size: int, ratio: int, window: int | None, dtype: torch.dtype
+) -> None:
+    """Fresh prompts and chunks after cached tokens, decodes before them in the same step,
+    against the torch reference on a float32 copy of the same values (bfloat16 and float16
+    differ from it by the output's rounding and the kernel's float32 sums: looser)."""
+    assert cpu_paged.kernel() is not None, "the kernel did not build: see the warning logged"
+    kv_heads = 2
+    spans = PREFILL_STEP
+    cache, tables, qkv = random_prefills(spans, kv_heads, ratio, dim, block_size, seed=dim + ratio)
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0, window)
+    cache, qkv = cache.to(dtype), tuple(x.to(dtype) for x in qkv)
+    out, backend = prefill_step(
+        SdpaBackend, cache.float(), block_size, dtype, layer, spans, tables, qkv
+    )
+    paged = backend._step.paged_prefills
+    assert paged is not None and paged.seqs.tolist() == list(range(2, len(spans)))
+    assert backend._step.plan(window)[0] == [], "a prefill took the SDPA path"
+    ref, _ = prefill_step(
+        TorchBackend, cache.float(), block_size, torch.float32, layer, spans, tables,
+        tuple(x.float() for x in qkv),
+    )  # fmt: skip
+    assert out.dtype == dtype
+    case = f"window {window}, GQA {ratio}, head_dim {dim}, block {block_size}, {dtype}"
+    assert_rows_close(out, ref, spans, dtype, case)
+
+
+def test_prefill_kernel_reads_strided_queries_and_many_threads() -> None:
+    """q as a view into the fused QKV output and more threads than work items."""
+    spans, kv_heads, ratio, dim = [(0, 20), (16, 3)], 2, 4, 64
+    cache, tables, (q, k, v) = random_prefills(spans, kv_heads, ratio, dim, 16, seed=11)
+    fused = torch.cat([q.flatten(1), torch.zeros(q.shape[0], 3 * dim)], dim=1)
+    strided = fused[:, : q[0].numel()].view(q.shape)
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        out, backend = prefill_step(
+            SdpaBackend, cache, 16, torch.float32, layer, spans, tables, (strided, k, v)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert backend._step.paged_prefills is not None
+    ref, _ = prefill_step(TorchBackend, cache, 16, torch.float32, layer, spans, tables, (q, k, v))
+    assert_rows_close(out, ref, spans, torch.float32, "strided q, 8 threads")
+
+
+def test_a_prefill_with_a_bidirectional_span_keeps_sdpa() -> None:
+    """Gemma 3's image spans: the prompt whose queries a span holds goes through SDPA with
+    its mask, the others of the step through the kernel; all equal the reference. A span
+    wholly in the cached past is plain causal for the chunk: the kernel takes it."""
+    spans, kv_heads, ratio, dim = [(0, 30), (0, 50), (20, 10)], 2, 2, 64
+    bidirectional = [[], [(5, 21)], [(3, 9)]]
+    cache, tables, qkv = random_prefills(spans, kv_heads, ratio, dim, 16, seed=5)
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0, 16)
+    out, backend = prefill_step(
+        SdpaBackend, cache, 16, torch.float32, layer, spans, tables, qkv, bidirectional
+    )
+    assert backend._step.paged_prefills.seqs.tolist() == [0, 2]
+    assert [p.start for p in backend._step.plan(16)[0]] == [30]
+    ref, _ = prefill_step(
+        TorchBackend, cache, 16, torch.float32, layer, spans, tables, qkv, bidirectional
+    )
+    assert_rows_close(out, ref, spans, torch.float32, "bidirectional span in sequence 1")
+
+
+def test_sdpa_gather_runs_no_kernel() -> None:
+    spans, kv_heads, ratio, dim = [(9, 1), (0, 20), (16, 5)], 2, 4, 64
+    cache, tables, qkv = random_prefills(spans, kv_heads, ratio, dim, 16, seed=2)
+    layer = PagedAttention(kv_heads * ratio, kv_heads, dim, dim**-0.5, 0)
+    out, backend = prefill_step(
+        SdpaGatherBackend, cache, 16, torch.float32, layer, spans, tables, qkv
+    )
+    assert backend._kernel is None
+    assert backend._step.paged is None and backend._step.paged_prefills is None
+    assert len(backend._step.plan(None)[0]) == 2
+    ref, _ = prefill_step(TorchBackend, cache, 16, torch.float32, layer, spans, tables, qkv)
+    assert_rows_close(out, ref, spans, torch.float32, "sdpa_gather")

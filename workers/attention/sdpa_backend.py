@@ -17,8 +17,10 @@ whole prompt would compute its whole square: 2048 tokens under a window of 512 t
 causal call's time); a chunk and a decode read only the blocks from the one holding their
 oldest key in the window on.
 
-On CPU, decodes skip the gather: cpu_paged's kernel reads their blocks in place through the
-block tables (when it could be built; `sdpa_gather` is this backend with the gather path).
+On CPU, cpu_paged's kernels (when they could be built) read the cache in place through the
+block tables instead: every decode, and every prefill or chunk that no bidirectional span
+reaches (those keep the SDPA calls above, with their masks). `sdpa_gather` is this backend
+without the C kernels: the torch paths above for everything.
 """
 
 from __future__ import annotations
@@ -71,14 +73,16 @@ class SdpaStep:
     kv_heads: int
     dtype: torch.dtype
     paged: cpu_paged.PagedDecodes | None = None  # decodes for the in-place kernel, if it runs
+    paged_prefills: cpu_paged.PagedPrefills | None = None  # prefills for the in-place kernel
     # Per sliding window (None: the whole context), what every layer with it shares.
     plans: dict[int | None, tuple[list[Prefill], list[Decodes]]] = field(default_factory=dict)
 
     def plan(self, window: int | None) -> tuple[list[Prefill], list[Decodes]]:
         window = window_in(self.metadata, window)
         if window not in self.plans:
+            on_kernel = () if self.paged_prefills is None else self.paged_prefills.seqs.tolist()
             self.plans[window] = (
-                prefills(self.metadata, window),
+                prefills(self.metadata, window, frozenset(on_kernel)),
                 decode_groups(self.metadata, DECODE_GROUP, self.kv_heads, self.dtype, window)
                 if self.paged is None
                 else [],
@@ -88,7 +92,7 @@ class SdpaStep:
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
-    paged_decode = True  # decodes on CPU read the cache in place (cpu_paged), when it builds
+    paged_decode = True  # on CPU, attention reads the cache in place (cpu_paged), when it builds
 
     def __init__(self, pool: KVPool) -> None:
         super().__init__(pool)
@@ -101,8 +105,12 @@ class SdpaBackend(AttentionBackend):
     def prepare(self, metadata: AttentionMetadata) -> None:
         # Plans once per distinct window, for all the layers that share it; a window not
         # met before (the first step) is planned when its first layer runs.
-        paged = cpu_paged.plan(metadata) if self._kernel is not None else None
-        self._step = SdpaStep(metadata, self.pool.num_kv_heads, self.pool.cache.dtype, paged)
+        paged = paged_prefills = None
+        if self._kernel is not None:
+            paged, paged_prefills = cpu_paged.plan(metadata), cpu_paged.plan_prefills(metadata)
+        self._step = SdpaStep(
+            metadata, self.pool.num_kv_heads, self.pool.cache.dtype, paged, paged_prefills
+        )
         for window in self._windows:
             self._step.plan(window)
 
@@ -126,19 +134,16 @@ class SdpaBackend(AttentionBackend):
             out[rows] = self._prefill(layer, kv_blocks, q[rows], k[keys], v[keys], p)
         for group in decode_plans:
             out[group.rows] = self._decode(layer, kv_blocks, q[group.rows], group)
-        if step.paged is not None:
+        if step.paged is not None or step.paged_prefills is not None:
             k_cache, v_cache = self.pool.kv(layer.layer_idx)
-            cpu_paged.attend(
-                self._kernel,
-                step.paged,
-                q if q.stride(-1) == 1 else q.contiguous(),
-                out,
-                k_cache,
-                v_cache,
-                self.pool.block_size,
-                layer.sliding_window,
-                layer.scale,
-            )
+            q = q if q.stride(-1) == 1 else q.contiguous()
+            kernel_args = (k_cache, v_cache, self.pool.block_size, layer.sliding_window)
+            if step.paged is not None:
+                cpu_paged.attend(self._kernel, step.paged, q, out, *kernel_args, layer.scale)
+            if step.paged_prefills is not None:
+                cpu_paged.attend_prefills(
+                    self._kernel, step.paged_prefills, q, out, *kernel_args, layer.scale
+                )
         return out
 
     def _prefill(
@@ -189,15 +194,20 @@ class SdpaBackend(AttentionBackend):
         return out.view(kv_heads, decodes, -1, dim).transpose(0, 1).reshape(decodes, -1, dim)
 
 
-def prefills(meta: AttentionMetadata, window: int | None = None) -> list[Prefill]:
-    """The sequences after the decodes; a chunk after cached tokens gets its blocks and
-    its causal mask aligned to the bottom right (query i sees keys up to cached + i).
-    Under a window a chunk reads from the block of its first query's oldest key on."""
+def prefills(
+    meta: AttentionMetadata, window: int | None = None, skip: frozenset[int] = frozenset()
+) -> list[Prefill]:
+    """The sequences after the decodes (but those in `skip`: the C kernel's); a chunk after
+    cached tokens gets its blocks and its causal mask aligned to the bottom right (query i
+    sees keys up to cached + i). Under a window a chunk reads from the block of its first
+    query's oldest key on."""
     starts = meta.query_start_loc_cpu.tolist()
     lengths = meta.seq_lens_cpu.tolist()
     device, block = meta.block_tables.device, meta.block_size
     out = []
     for i in range(meta.num_decodes, meta.num_seqs):
+        if i in skip:
+            continue
         start, length, context = starts[i], starts[i + 1] - starts[i], lengths[i]
         spans = spans_in(meta, i, context - length, context)
         queries = torch.arange(context - length, context, device=device)
@@ -265,8 +275,9 @@ def decode_groups(
 
 
 class SdpaGatherBackend(SdpaBackend):
-    """sdpa with its decodes always on the gather path (the CPU kernel's baseline: what a
-    machine without a C compiler runs, and the way back should the kernel misbehave)."""
+    """sdpa without the C kernels: decodes on the gather path, prefills through torch's SDPA
+    (the kernels' baseline: what a machine without a C compiler runs, and the way back
+    should a kernel misbehave)."""
 
     name = "sdpa_gather"
     paged_decode = False
