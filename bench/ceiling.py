@@ -4,11 +4,14 @@ of the benchmark model runs when it does nothing a serving engine could avoid.
     .venv/bin/python bench/ceiling.py [--batches 1,8,32] [--context 424] [--prompt-len 360]
 
 - lean decode step: one token per sequence through every layer — RMSNorm, the QKV, output,
-  gate-up and down GEMMs, SiLU-and-multiply, SDPA (fused, 4-D, GQA) over a preallocated
-  [batch, kv_heads, max_len, head_dim] cache filled to `--context` — then the final norm and
-  the LM head. No rotary, sampling or bookkeeping: a bound, not an engine;
+  gate-up and down GEMMs, SiLU-and-multiply, attention over a preallocated cache filled to
+  `--context`, each sequence's keys contiguous — then the final norm and the LM head. No
+  rotary, sampling or bookkeeping: a bound, not an engine. Attention runs the fastest code
+  this machine has: the engine's C kernels (workers/attention/cpu_paged.py, here reading one
+  contiguous block per sequence) when they build, else torch's fused SDPA (4-D, GQA);
 - the same step's GEMMs alone (a decode's floor once attention costs nothing);
-- a lean prefill of one `--prompt-len`-token prompt (causal SDPA, LM head on its last row);
+- a lean prefill of one `--prompt-len`-token prompt (causal, the same attention choice, LM
+  head on its last row);
 - a 2048^3 float32 GEMM's GFLOP/s (the machine's dense rate today).
 
 Each figure is the fastest of `--repeats` calls after a warm-up, measured with both CPU GEMM
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vlmserve.workers.attention import cpu_paged
 from vlmserve.workers.layers.linear import CPU_GEMMS, linear, pack_weight
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,10 +120,48 @@ class LeanModel:
                      self.layers] + [{"lm_head": pack_weight(self.lm_head, kernel)}]
             for kernel in CPU_GEMMS
         }  # fmt: skip
-        # [layers, batch, kv_heads, max_len, head_dim], random so no kernel skips zeros.
-        cache = (s.layers, batch, s.kv_heads, max_len, s.head_dim)
+        # [layers, kv_heads, batch * max_len, head_dim]: sequence i's keys are slots
+        # [i * max_len, (i + 1) * max_len), one block of max_len for the C kernels; random, so
+        # no kernel skips zeros.
+        self.max_len = max_len
+        cache = (s.layers, s.kv_heads, batch * max_len, s.head_dim)
         self.k = torch.randn(cache, generator=g)
         self.v = torch.randn(cache, generator=g)
+        self.kernels = cpu_paged.kernel()  # None: torch's SDPA
+        self.attention = "cpu_paged C kernels" if self.kernels else "torch SDPA"
+        self.tables = torch.arange(batch, dtype=torch.int32)[:, None]  # [batch, 1]
+
+    def seq_cache(self, i: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values of the first b sequences, [b, kv_heads, max_len, dim]."""
+        s = self.s
+        shape = (s.kv_heads, self.k.shape[2] // self.max_len, self.max_len, s.head_dim)
+        k, v = self.k[i].view(shape), self.v[i].view(shape)
+        return k[:, :b].transpose(0, 1), v[:, :b].transpose(0, 1)
+
+    def attend(self, i: int, q: torch.Tensor, length: int, new: int) -> torch.Tensor:
+        """Attention of q [b * new, heads, dim] (the last `new` positions of b sequences of
+        `length` keys, causal) over layer i's cache; [b * new, heads * dim]."""
+        s = self.s
+        b = q.shape[0] // new
+        out = torch.empty(q.shape[0], s.heads, s.head_dim)
+        if self.kernels is not None:
+            args = (q, out, self.k[i], self.v[i], self.max_len, None, s.head_dim**-0.5)
+            lens = torch.full((b,), length, dtype=torch.int32)
+            if new == 1:
+                decodes = cpu_paged.PagedDecodes(b, self.tables[:b], lens)
+                cpu_paged.attend(self.kernels, decodes, *args)
+            else:
+                starts = torch.arange(0, (b + 1) * new, new, dtype=torch.int32)
+                seqs = torch.arange(b, dtype=torch.int32)
+                prefills = cpu_paged.PagedPrefills(seqs, starts, lens, self.tables[:b])
+                cpu_paged.attend_prefills(self.kernels, prefills, *args)
+            return out.view(q.shape[0], -1)
+        k, v = self.seq_cache(i, b)
+        attn = F.scaled_dot_product_attention(
+            q.view(b, new, s.heads, s.head_dim).transpose(1, 2), k[:, :, :length],
+            v[:, :, :length], is_causal=new > 1, enable_gqa=True,
+        )  # [b, heads, new, head_dim]  # fmt: skip
+        return attn.transpose(1, 2).reshape(q.shape[0], -1)
 
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.s.eps)
@@ -147,13 +189,10 @@ class LeanModel:
             qkv = self.mm(h, i, "qkv", kernel)  # [batch, q + 2 kv]
             if attention:
                 q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-                self.k[i, :b, :, pos] = k.view(b, s.kv_heads, s.head_dim)
-                self.v[i, :b, :, pos] = v.view(b, s.kv_heads, s.head_dim)
-                out = F.scaled_dot_product_attention(
-                    q.view(b, s.heads, 1, s.head_dim),
-                    self.k[i, :b, :, : pos + 1], self.v[i, :b, :, : pos + 1], enable_gqa=True,
-                )  # [batch, heads, 1, head_dim]  # fmt: skip
-                attn = out.reshape(b, q_size)
+                keys, values = self.seq_cache(i, b)
+                keys[:, :, pos] = k.view(b, s.kv_heads, s.head_dim)
+                values[:, :, pos] = v.view(b, s.kv_heads, s.head_dim)
+                attn = self.attend(i, q.view(b, s.heads, s.head_dim), pos + 1, 1)
             else:
                 attn = qkv[:, :q_size]
             x = x + self.mm(attn, i, "o", kernel)
@@ -169,15 +208,11 @@ class LeanModel:
         for i, layer in enumerate(self.layers):
             qkv = self.mm(self.rms(x, layer["in_norm"]), i, "qkv", kernel)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            k = k.view(n, s.kv_heads, s.head_dim).transpose(0, 1)  # [kv_heads, tokens, dim]
-            v = v.view(n, s.kv_heads, s.head_dim).transpose(0, 1)
-            self.k[i, 0, :, :n] = k
-            self.v[i, 0, :, :n] = v
-            out = F.scaled_dot_product_attention(
-                q.view(1, n, s.heads, s.head_dim).transpose(1, 2), k[None], v[None],
-                is_causal=True, enable_gqa=True,
-            )  # [1, heads, tokens, head_dim]  # fmt: skip
-            x = x + self.mm(out[0].transpose(0, 1).reshape(n, q_size), i, "o", kernel)
+            keys, values = self.seq_cache(i, 1)
+            keys[0, :, :n] = k.view(n, s.kv_heads, s.head_dim).transpose(0, 1)
+            values[0, :, :n] = v.view(n, s.kv_heads, s.head_dim).transpose(0, 1)
+            attn = self.attend(i, q.view(n, s.heads, s.head_dim), n, n)
+            x = x + self.mm(attn, i, "o", kernel)
             x = x + self._mlp(self.rms(x, layer["post_norm"]), i, kernel)
         return self.mm(self.rms(x[-1:], self.norm), -1, "lm_head", kernel)
 
@@ -225,7 +260,8 @@ def measure(
         seconds = 2 * c * prefill_s + 2 * (output_len - 1) * c / decode[c]
         limit[c] = 2 * c * output_len / seconds
     return {
-        "shape": shape.__dict__, "context": context, "prompt_len": prompt_len,
+        "shape": shape.__dict__, "attention": model.attention, "context": context,
+        "prompt_len": prompt_len,
         "output_len": output_len, "torch_threads": torch.get_num_threads(),
         "decode_tok_s": decode, "gemms_only_tok_s": gemms, "prefill_s": prefill_s,
         "prefill_tok_s": prompt_len / prefill_s, "gemm_2048_gflops": gflops,
@@ -234,8 +270,9 @@ def measure(
 
 
 def print_report(r: dict) -> None:
-    print(f"\nceilings (float32, {r['torch_threads']} torch threads, decode at context "
-          f"{r['context']}, load average {r['load_avg_1m']:.2f}):")  # fmt: skip
+    print(f"\nceilings (float32, {r['torch_threads']} torch threads, attention: "
+          f"{r.get('attention', 'torch SDPA')}, decode at context {r['context']}, load average "
+          f"{r['load_avg_1m']:.2f}):")  # fmt: skip
     print(f"| {'batch':>5} | {'lean decode tok/s':>17} | {'GEMMs only tok/s':>16} | "
           f"{'workload limit tok/s':>20} |")  # fmt: skip
     print(f"|{'-' * 7}|{'-' * 19}|{'-' * 18}|{'-' * 22}|")

@@ -26,10 +26,16 @@ TINY = ceiling.Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, inte
                      vocab=100)  # fmt: skip
 
 
-def test_lean_decode_step_attends_over_its_cache() -> None:
+@pytest.mark.parametrize("attention", ["C kernels", "torch SDPA"])
+def test_lean_decode_step_attends_over_its_cache(attention: str) -> None:
     """A decode at position n-1 after a prefill of n-1 tokens gives the logits a prefill of all
-    n tokens gives its last one: the cache is written and read where it should be."""
+    n tokens gives its last one: the cache is written and read where it should be, by either
+    attention the lean model runs (the engine's C kernels when they build, else SDPA)."""
     model = ceiling.LeanModel(TINY, batch=1, max_len=16)
+    if attention == "torch SDPA":
+        model.kernels = None
+    else:
+        assert model.kernels is not None, "the C kernels did not build here"
     x = torch.randn(9, TINY.hidden)
     whole = model.prefill(x)  # [1, vocab]
     model.prefill(x[:8])
