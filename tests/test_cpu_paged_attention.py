@@ -350,3 +350,32 @@ def test_sdpa_gather_runs_no_kernel() -> None:
     assert len(backend._step.plan(None)[0]) == 2
     ref, _ = prefill_step(TorchBackend, cache, 16, torch.float32, layer, spans, tables, qkv)
     assert_rows_close(out, ref, spans, torch.float32, "sdpa_gather")
+
+
+def test_the_pool_asks_for_huge_pages() -> None:
+    """A CPU pool's cache is zeros and, where the kernel's transparent huge pages are not
+    off, lies (past its first and last partial 2 MiB) in huge pages: the mapping holding it
+    counts them (/proc/self/smaps). 64 MiB: past glibc's largest mmap threshold (32 MiB), so
+    a fresh mapping, as the worker's pool is, not reused heap that was touched before."""
+    pool = KVPool(2, 2, 64, 2048, 16, torch.float32, CPU)  # 64 MiB
+    assert not pool.cache.any()
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if "[never]" in mode:
+        assert cpu_paged.advise_huge_pages(torch.empty(0)) is False  # nothing to cover
+        return
+    begin = pool.cache.data_ptr()
+    end = begin + pool.cache.numel() * pool.cache.element_size()
+    huge_kb, inside = 0, False  # over the mappings the cache overlaps (the advice splits one)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, stop = (int(x, 16) for x in head.split("-"))
+                inside = start < end and stop > begin
+            elif inside and head == "AnonHugePages:":
+                huge_kb += int(line.split()[1])
+    assert huge_kb >= 7 * 2048, f"{huge_kb} kB of huge pages"

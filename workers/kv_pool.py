@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vlmserve.shared.config import Config
+from vlmserve.workers.attention import cpu_paged
 from vlmserve.workers.layers.attention import PagedAttention
 
 log = logging.getLogger("vlmserve.kv_pool")
@@ -36,7 +37,9 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_layers, 2, num_kv_heads, num_blocks * block_size, head_dim)
-        self.cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache = torch.empty(shape, dtype=dtype, device=device)
+        cpu_paged.advise_huge_pages(self.cache)  # before the first touch: zero_ faults them in
+        self.cache.zero_()
         # Views made once: a layer's lookup is a list index, not tensor indexing.
         self._kv = [(self.cache[i, 0], self.cache[i, 1]) for i in range(num_layers)]
         per_block = (num_kv_heads, num_blocks, block_size * head_dim)
