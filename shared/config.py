@@ -51,9 +51,10 @@ HELP: dict[str, str] = {
     "cpu_cache_gib": "memory budget on cpu that --cache-max-entry-count is a fraction of",
     "num_kv_blocks": "exact number of KV blocks, overriding the memory-based size (0: off)",
     "attention_backend": "attention kernels the workers run over the KV cache: sdpa (torch's "
-    "fused scaled-dot-product kernels, and on cpu a compiled decode kernel that reads the paged "
-    "cache in place: the fast CPU path), sdpa_gather (sdpa with its decodes gathering their "
-    "blocks instead) or torch (the plain-torch reference every backend is tested against)",
+    "fused scaled-dot-product kernels, and on cpu compiled prefill and decode kernels that read "
+    "the paged cache in place: the fast CPU path), sdpa_gather (sdpa without the compiled "
+    "kernels: torch's SDPA for prefills, decodes gathering their blocks) or torch (the "
+    "plain-torch reference every backend is tested against)",
     "cpu_gemm": "kernel of the linear layers on cpu: onednn (the default: weights prepacked once "
     "at load, ~1.3x faster than aten on AMD; its kernels for every step size are built at "
     "start-up) or aten (torch's F.linear, MKL's sgemm on x86)",
