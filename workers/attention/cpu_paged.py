@@ -217,11 +217,14 @@ static inline __attribute__((always_inline)) void attend_one(
         }
         const char *ahead = next >= 0 ? (const char *)k_cache + next * esize : 0;
         const char *v_ahead = next >= 0 ? (const char *)v_cache + next * esize : 0;
-        if (FOLDED && dim % 16 == 0) {
+#if FOLDED /* scores16 exists only then: a plain `if` would call an undeclared function */
+        if (dim % 16 == 0) {
             for (int64_t t = 0; t < n; t += 16)
                 scores16(qf, kr + t * dim, n - t < 16 ? n - t : 16, group, dim, sc + t,
                          ahead ? ahead + t * dim * esize : 0, esize);
-        } else {
+        } else
+#endif
+        {
             for (int64_t t = 0; t < n; t++) {
                 const float *kt = kr + t * dim;
                 if (ahead) prefetch_row(ahead + t * dim * esize, dim * esize);
@@ -403,7 +406,7 @@ static inline __attribute__((always_inline)) void tile_softmax(
     for (int r = 0; r < RB; r++) {
         int64_t row = rg + r < rows ? rg + r : rows - 1;
         int64_t qp = pos0 + row / group, lo = window > 0 ? qp - window + 1 : 0;
-        i16 ok = iota == iota;
+        i16 ok = (i16){0} - 1; /* all lanes */
         if (masked) {
             ok = (iota <= (int)(qp - p0)) & (iota >= (int)(lo - p0));
             s[r] = vsel(ok, s[r], zero - INFINITY);
