@@ -1,13 +1,14 @@
 """Attention micro-benchmark: every backend on the q30m shape, one whole step of 12 layers.
 
     .venv/bin/python bench/attention_bench.py [--repeats 15] [--threads N] [--only TEXT]
-        [--out FILE]
+        [--backends sdpa_gather,sdpa] [--out FILE]
 
 Shape of the q30m checkpoint (Qwen2: 8 heads, 2 KV heads, head_dim 64, 12 layers), float32,
 block size 16, block tables scattered over the pool. Cases: a fresh prefill of 360 tokens,
 a 360-token chunk after 512 cached tokens, and decodes at batch 1, 8 and 32 over contexts of
 450-550 tokens (seeded); then sliding windows: decodes at batch 32 over contexts of
-1900-2100 tokens and a fresh prefill of 2048, each with every layer's window 512 and without
+1900-2100 tokens and a fresh prefill of 2048, each with every layer's window 512 and without;
+last, five fresh 360-token prefills in one step (q30m's serving workload at concurrency 8)
 (--only picks the cases whose name holds TEXT). A step is the backend's prepare() plus the
 12 layers' forward (KV store and attention), the same inputs for every backend. Backends
 run alternately, each case `--repeats` times after a warm-up; the table shows the median
@@ -53,6 +54,7 @@ def cases(seed: int) -> dict[str, tuple[list[tuple[int, int]], int | None]]:
         name = "no window" if window is None else f"window {window}"
         out[f"decode batch 32, ~2k context, {name}"] = (long, window)
         out[f"prefill 2048, {name}"] = ([(0, 2048)], window)
+    out["prefill 5 x 360"] = ([(0, 360)] * 5, None)  # last: the other cases' inputs as before
     return out
 
 
@@ -85,12 +87,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", default="", help="run only the cases whose name holds this")
+    parser.add_argument(
+        "--backends",
+        default="",
+        help="comma-separated, the baseline first (default: all, the torch reference first)",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results", "attention.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    names = sorted(BACKENDS, key=lambda n: n != "torch")  # the reference first
+    names = (
+        args.backends.split(",") if args.backends else sorted(BACKENDS, key=lambda n: n != "torch")
+    )
     results: dict[str, dict[str, float]] = {}
     fastest: dict[str, dict[str, float]] = {}
     for case, (seqs, window) in cases(args.seed).items():
@@ -118,13 +127,13 @@ def main() -> None:
     print(
         "| step (12 layers) | "
         + " | ".join(f"{n} ms (fastest)" for n in names)
-        + " | torch / best |"
+        + f" | {names[0]} / best |"
     )
     print("| --- | " + " | ".join("---:" for _ in names) + " | ---: |")
     for case, row in results.items():
         cells = " | ".join(f"{row[n]:.2f} ({fastest[case][n]:.2f})" for n in names)
         best = min(row[n] for n in names[1:]) if len(names) > 1 else row[names[0]]
-        print(f"| {case} | {cells} | {row['torch'] / best:.2f}x |")
+        print(f"| {case} | {cells} | {row[names[0]] / best:.2f}x |")
     report = {
         "shape": {
             "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layers": LAYERS,
