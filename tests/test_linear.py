@@ -37,6 +37,7 @@ from vlmserve.workers.layers.linear import (
     linear,
     onednn_packs,
     pack_linears,
+    pack_nn_linear,
     pack_weight,
     warm_gemms,
 )
@@ -191,15 +192,19 @@ def test_tied_lm_head(cpu_gemm: str) -> None:
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_transformers_nn_linear_runs_packed(bias: bool) -> None:
-    """A vision tower's nn.Linear: its forward swapped onto the packed weight, and back."""
+    """A vision tower's nn.Linear: its forward swapped onto the packed weight (its loaded
+    weight then released), and back to its own forward where nothing is packed."""
     layer = nn.Linear(64, 96, bias=bias).requires_grad_(False)
     tower = nn.Sequential(layer, nn.GELU())
     x = torch.randn(2, 7, 64)
     expected = F.linear(x, layer.weight, layer.bias)
     assert pack_linears(tower, "onednn") == 1 and "forward" in vars(layer)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    assert pack_linears(tower, "aten") == 0 and "forward" not in vars(layer)
-    assert torch.equal(layer(x), expected)
+    assert layer.weight.untyped_storage().nbytes() == layer.weight.element_size()
+    other = nn.Linear(64, 96, bias=bias).requires_grad_(False)
+    assert pack_nn_linear(other, "onednn") and "forward" in vars(other)
+    assert not pack_nn_linear(other, "aten") and "forward" not in vars(other)
+    assert torch.equal(other(x), F.linear(x, other.weight, other.bias))
 
 
 def test_gemm_rows_are_few_and_close_above() -> None:
@@ -330,3 +335,28 @@ def test_engine_with_cpu_gemm_onednn(qwen2: str, tmp_path) -> None:  # noqa: ANN
     ):
         assert len(result.token_ids) == 8
         compare_greedy(f"prompt {i}", result.token_ids, ref, ref_logits)
+
+
+def test_packed_layers_release_their_loaded_weights_unless_tied(tmp_path) -> None:  # noqa: ANN001
+    """After oneDNN packs a layer, its loaded weight is dropped (one copy of each GEMM weight in
+    memory, not two), keeping shape, dtype and device; a tied LM head's weight, the embedding
+    table, keeps its values; and the model still computes what the unpacked one does."""
+    model_dir = build_checkpoint(str(tmp_path / "qwen2"), arch="qwen2")
+    cpu = torch.device("cpu")
+    packed = load_model(model_dir, torch.float32, cpu, "onednn")
+    plain = load_model(model_dir, torch.float32, cpu, "aten")
+    layer = packed.model.layers[0].mlp.gate_up_proj
+    assert layer.packed is not None
+    assert layer.weight.untyped_storage().nbytes() == layer.weight.element_size()
+    assert layer.weight.shape == plain.model.layers[0].mlp.gate_up_proj.weight.shape
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight
+    torch.testing.assert_close(packed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    ids = torch.arange(3, 40)
+    meta = build_metadata([0], [len(ids)], [list(range(3))], 16, cpu)
+    outs = []
+    for model in (packed, plain):
+        pool = KVPool.for_model(model, 3, 16, torch.float32, cpu)
+        with torch.inference_mode(), step_context(meta, TorchBackend(pool)):
+            outs.append(model.compute_logits(model(ids, meta.positions)))
+    assert not outs[0].isnan().any(), "a released weight was read"
+    torch.testing.assert_close(outs[0], outs[1], **TOLERANCE[torch.float32])

@@ -71,7 +71,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 def test_tied_config_with_own_lm_head_unties_like_transformers(tmp_path, workdir) -> None:  # noqa: ANN001
     model_dir = build_checkpoint(str(tmp_path / "qwen2"), arch="qwen2")
     head = _with_own_head(model_dir)
-    ours = load_model(model_dir, torch.float32, CPU)
+    ours = load_model(model_dir, torch.float32, CPU, "aten")  # aten: values stay loaded
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     torch.testing.assert_close(ours.lm_head.weight, head, rtol=0, atol=0)
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -88,7 +88,7 @@ def test_tied_config_with_own_lm_head_unties_like_transformers(tmp_path, workdir
 def test_vlm_tied_config_with_own_lm_head_unties_like_transformers(tmp_path, workdir) -> None:  # noqa: ANN001
     model_dir = build_internvl(str(tmp_path / "internvl"))
     head = _with_own_head(model_dir)
-    ours = load_model(model_dir, torch.float32, CPU)
+    ours = load_model(model_dir, torch.float32, CPU, "aten")  # aten: values stay loaded
     assert ours.language.lm_head.weight is not ours.language.model.embed_tokens.weight
     torch.testing.assert_close(ours.language.lm_head.weight, head, rtol=0, atol=0)
     ref = transformers.AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -110,7 +110,7 @@ def test_mistral_small_config_without_tie_key_unties_like_transformers(tmp_path,
         assert "tie_word_embeddings" not in f.read()
     model_dir = build_from_config(MISTRAL_SMALL, str(tmp_path / "mistral3"))
     head = _with_own_head(model_dir, "language_model.lm_head.weight")
-    ours = load_model(model_dir, torch.float32, CPU)
+    ours = load_model(model_dir, torch.float32, CPU, "aten")  # aten: values stay loaded
     assert ours.language.lm_head.weight is not ours.language.model.embed_tokens.weight
     torch.testing.assert_close(ours.language.lm_head.weight, head, rtol=0, atol=0)
     auto = transformers.AutoModelForImageTextToText

@@ -33,8 +33,8 @@ def test_vision_half_ignores_the_text_configs_pad_token(tmp_path) -> None:
     for arch in ("llava", "qwen2_vl"):
         plain = build_vision_checkpoint(str(tmp_path / arch), arch)
         padded = _with_text_field(plain, str(tmp_path / f"{arch}-pad"), pad_token_id=7)
-        ours = load_model(padded, torch.float32, CPU)
-        reference = load_model(plain, torch.float32, CPU)
+        ours = load_model(padded, torch.float32, CPU, "aten")  # aten: the values stay loaded
+        reference = load_model(plain, torch.float32, CPU, "aten")
         for (name, a), (_, b) in zip(
             ours.vision.state_dict().items(), reference.vision.state_dict().items(), strict=True
         ):
@@ -49,11 +49,11 @@ def test_loading_in_another_dtype_changes_no_global_state(tmp_path) -> None:
     real_setter = torch.set_default_dtype
     torch.set_default_dtype = lambda d: seen.append(d)  # type: ignore[assignment]
     try:
-        half = load_model(model_dir, torch.bfloat16, CPU)
+        half = load_model(model_dir, torch.bfloat16, CPU, "aten")  # aten: values stay loaded
     finally:
         torch.set_default_dtype = real_setter
     assert seen == [] and torch.get_default_dtype() == torch.float32
-    full = load_model(model_dir, torch.float32, CPU)
+    full = load_model(model_dir, torch.float32, CPU, "aten")
     full_params = dict(full.named_parameters())
     for name, param in half.named_parameters():
         assert param.dtype == torch.bfloat16, name

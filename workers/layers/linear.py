@@ -24,6 +24,7 @@ Emptying the caches instead (both capacities 0) costs ~1.4 ms per call in rebuil
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -142,14 +143,38 @@ def warm_gemms(model: nn.Module, max_rows: int, max_logit_rows: int) -> int:
 def pack_linears(model: nn.Module, cpu_gemm: str) -> int:
     """Pack the weight of every linear layer of `model` once its weights are loaded (packing
     copies them): ours (`pack`) and transformers' plain nn.Linear ones (vision towers,
-    projectors). Returns how many layers run on packed weights."""
+    projectors). The loaded copy of a packed weight is then released (`release_weight`) unless
+    another module shares the parameter (a tied LM head's is the embedding table): without
+    that, a CPU worker held every GEMM weight twice. Returns how many layers run packed."""
+    shared = shared_parameters(model)
     count = 0
     for module in model.modules():
         if hasattr(module, "pack"):
-            count += module.pack(cpu_gemm)
+            packed = module.pack(cpu_gemm)
         elif type(module) is nn.Linear:
-            count += pack_nn_linear(module, cpu_gemm)
+            packed = pack_nn_linear(module, cpu_gemm)
+        else:
+            continue
+        if packed and id(module.weight) not in shared:
+            release_weight(module.weight)
+        count += packed
     return count
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (tied weights)."""
+    holders = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {param for param, count in holders.items() if count > 1}
+
+
+def release_weight(param: nn.Parameter) -> None:
+    """Drop a packed layer's loaded values: `linear` reads only the packed copy. The parameter
+    keeps its shape, dtype and device (warm_gemms and transformers' vision code read them)
+    over one NaN broadcast to that shape, so a stray read of the values computes NaN, which
+    the parity tests would show, rather than plausible numbers."""
+    param.data = torch.full((), float("nan"), dtype=param.dtype, device=param.device).expand(
+        param.shape
+    )
 
 
 def pack_nn_linear(module: nn.Linear, cpu_gemm: str) -> bool:
