@@ -15,8 +15,9 @@ bfloat16 and float16 (converted to float32 a block at a time); softmax in float3
 
 Decode: OpenMP over (sequence, KV head). Each item holds its GQA group's queries together,
 so a key row read from memory serves all of them, scores a run of keys (at most one block)
-at a time with an online softmax, and covers only keys [len - window, len) under a sliding
-window: lengths, not masks, so no padding is read or computed.
+at a time with an online softmax (on 16 lanes; P.V with up to 4 queries' accumulators in
+registers, each row of V loaded once for them), and covers only keys [len - window, len)
+under a sliding window: lengths, not masks, so no padding is read or computed.
 
 Prefill (fresh prompts and chunks after cached tokens alike, their new keys already stored):
 flash-style over work items (sequence, KV head, tile of query positions), the costliest
@@ -178,6 +179,95 @@ static inline __attribute__((always_inline)) void scores16(
 #define FOLDED 0
 #endif
 
+#if FOLDED
+static inline v16 vsel(i16 m, v16 a, v16 b) { return (v16)((m & (i16)a) | (~m & (i16)b)); }
+
+static inline float hmax16(v16 a) {
+    const i16 h8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const i16 h4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const i16 h2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const i16 h1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    v16 b = __builtin_shuffle(a, h8);
+    a = vsel(a > b, a, b);
+    b = __builtin_shuffle(a, h4);
+    a = vsel(a > b, a, b);
+    b = __builtin_shuffle(a, h2);
+    a = vsel(a > b, a, b);
+    b = __builtin_shuffle(a, h1);
+    a = vsel(a > b, a, b);
+    return a[0];
+}
+
+static inline float hsum16(v16 a) {
+    const i16 h8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const i16 h4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const i16 h2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const i16 h1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    a += __builtin_shuffle(a, h8);
+    a += __builtin_shuffle(a, h4);
+    a += __builtin_shuffle(a, h2);
+    a += __builtin_shuffle(a, h1);
+    return a[0];
+}
+
+/* exp_neg on 16 lanes: the same polynomial, n rounded to nearest by the 1.5 * 2^23 trick
+   (floorf(y + 0.5) in exp_neg; the two differ only at ties, either keeps |r| <= ln2 / 2). */
+static inline v16 exp16(v16 x) {
+    const v16 zero = {0};
+    x = vsel(x < zero - 87.f, zero - 87.f, x);
+    v16 t = x * 1.44269504088896341f + 12582912.f;
+    v16 n = t - 12582912.f;
+    v16 r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    v16 p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    i16 bits = ((i16)t - 0x4B400000 + 127) << 23;
+    return p * (v16)bits;
+}
+#endif
+
+#if FOLDED
+/* acc[r] += sum_t p[r * CHUNK + t] * v_t for `rows` (<= 4, a constant where inlined) queries,
+   dim a multiple of 16: the accumulators stay in registers over the run's keys, 32 of dim
+   at a time, each row of V loaded once for all of them. */
+static inline __attribute__((always_inline)) void pv_rows(
+    float *acc, const float *p, const float *vr, int64_t n, int64_t dim, int rows) {
+    int64_t c = 0;
+    for (; c + 32 <= dim; c += 32) {
+        v16 a0[4], a1[4];
+        for (int r = 0; r < rows; r++) {
+            a0[r] = load16(acc + r * dim + c);
+            a1[r] = load16(acc + r * dim + c + 16);
+        }
+        for (int64_t t = 0; t < n; t++) {
+            v16 v0 = load16(vr + t * dim + c), v1 = load16(vr + t * dim + c + 16);
+            for (int r = 0; r < rows; r++) {
+                a0[r] += p[r * CHUNK + t] * v0;
+                a1[r] += p[r * CHUNK + t] * v1;
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            memcpy(acc + r * dim + c, &a0[r], sizeof(v16));
+            memcpy(acc + r * dim + c + 16, &a1[r], sizeof(v16));
+        }
+    }
+    if (c < dim) {
+        v16 a0[4];
+        for (int r = 0; r < rows; r++) a0[r] = load16(acc + r * dim + c);
+        for (int64_t t = 0; t < n; t++) {
+            v16 v0 = load16(vr + t * dim + c);
+            for (int r = 0; r < rows; r++) a0[r] += p[r * CHUNK + t] * v0;
+        }
+        for (int r = 0; r < rows; r++) memcpy(acc + r * dim + c, &a0[r], sizeof(v16));
+    }
+}
+#endif
+
 /* One sequence, one KV head: its `group` queries over keys [first, len). Inlined into a
    copy per common head size, so that the loops over `dim` have a constant trip count. */
 static inline __attribute__((always_inline)) void attend_one(
@@ -237,6 +327,48 @@ static inline __attribute__((always_inline)) void attend_one(
                 }
             }
         }
+#if FOLDED
+        if (dim % 16 == 0) {
+            const i16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            const v16 zero = {0};
+            for (int64_t g = 0; g < group; g++) {
+                float *sg = sc + g * CHUNK;
+                v16 top = zero - INFINITY;
+                for (int64_t t = 0; t < n; t += 16) { /* lanes past n: never read as keys */
+                    v16 x = vsel(iota < (int)(n - t), load16(sg + t), zero - INFINITY);
+                    top = vsel(top > x, top, x);
+                }
+                float mx = hmax16(top);
+                if (mx > m[g]) { /* rescale what came before to the new maximum */
+                    float corr = expf(m[g] - mx), *ag = acc + g * dim;
+                    l[g] *= corr;
+                    for (int64_t d = 0; d < dim; d += 16) {
+                        v16 a = load16(ag + d) * corr;
+                        memcpy(ag + d, &a, sizeof a);
+                    }
+                    m[g] = mx;
+                }
+                v16 sum = zero;
+                for (int64_t t = 0; t < n; t += 16) {
+                    v16 e = vsel(iota < (int)(n - t), exp16(load16(sg + t) - m[g]), zero);
+                    memcpy(sg + t, &e, sizeof e);
+                    sum += e;
+                }
+                l[g] += hsum16(sum);
+            }
+            for (int64_t t = 0; v_ahead && t < n; t++) /* the next run's values */
+                prefetch_row(v_ahead + t * dim * esize, dim * esize);
+            int64_t g = 0;
+            for (; g + 4 <= group; g += 4) pv_rows(acc + g * dim, sc + g * CHUNK, vr, n, dim, 4);
+            if (g + 2 <= group) {
+                pv_rows(acc + g * dim, sc + g * CHUNK, vr, n, dim, 2);
+                g += 2;
+            }
+            if (g < group) pv_rows(acc + g * dim, sc + g * CHUNK, vr, n, dim, 1);
+            pos += n;
+            continue;
+        }
+#endif
         for (int64_t g = 0; g < group; g++) {
             float *sg = sc + g * CHUNK, mx = m[g], sum = 0.f;
             for (int64_t t = 0; t < n; t++) mx = fmaxf(mx, sg[t]);
@@ -334,57 +466,6 @@ static int by_cost(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : 0;
 }
 
-#if FOLDED
-static inline v16 vsel(i16 m, v16 a, v16 b) { return (v16)((m & (i16)a) | (~m & (i16)b)); }
-
-static inline float hmax16(v16 a) {
-    const i16 h8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-    const i16 h4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-    const i16 h2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-    const i16 h1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-    v16 b = __builtin_shuffle(a, h8);
-    a = vsel(a > b, a, b);
-    b = __builtin_shuffle(a, h4);
-    a = vsel(a > b, a, b);
-    b = __builtin_shuffle(a, h2);
-    a = vsel(a > b, a, b);
-    b = __builtin_shuffle(a, h1);
-    a = vsel(a > b, a, b);
-    return a[0];
-}
-
-static inline float hsum16(v16 a) {
-    const i16 h8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-    const i16 h4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-    const i16 h2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-    const i16 h1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-    a += __builtin_shuffle(a, h8);
-    a += __builtin_shuffle(a, h4);
-    a += __builtin_shuffle(a, h2);
-    a += __builtin_shuffle(a, h1);
-    return a[0];
-}
-
-/* exp_neg on 16 lanes: the same polynomial, n rounded to nearest by the 1.5 * 2^23 trick
-   (floorf(y + 0.5) in exp_neg; the two differ only at ties, either keeps |r| <= ln2 / 2). */
-static inline v16 exp16(v16 x) {
-    const v16 zero = {0};
-    x = vsel(x < zero - 87.f, zero - 87.f, x);
-    v16 t = x * 1.44269504088896341f + 12582912.f;
-    v16 n = t - 12582912.f;
-    v16 r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    v16 p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    i16 bits = ((i16)t - 0x4B400000 + 127) << 23;
-    return p * (v16)bits;
-}
-#endif
 
 /* Rows [0, RB) of qf (a row group, rows rg on) against the 16 keys of kt, from position p0
    (n of them real): the online softmax's step. Leaves the rows' weights in p[r * 16 + j]
