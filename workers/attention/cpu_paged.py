@@ -923,10 +923,12 @@ def plan(meta: AttentionMetadata) -> PagedDecodes | None:
     )
 
 
-# Query rows (positions x the GQA group's heads) per prefill work item: measured on q30m's
-# shape, one thread, 360-1024 tokens, the kernel ran 5-30% faster at 192 rows than at 64
-# (a transposed key chunk serves more rows), and about the same up to 768.
-TILE_ROWS = 192
+# Query rows (positions x the GQA group's heads) per prefill work item. On q30m's shape (GQA
+# 4) at load ~1: 384 rows (96 positions) against 192 took 360 tokens 0.566 vs 0.579 ms on 2
+# threads, 5 x 360 2.91 vs 3.17, 2048 15.9 vs 16.0, a 360 chunk after 512 1.91 vs 2.07 (one
+# thread: 1-8 % faster); 128 rows ran 5-30 % slower than 192 (a transposed key chunk serves
+# fewer rows). GQA 1 and 8 measured best at 192 and 768 rows among 16-192 positions.
+TILE_ROWS = 384
 
 
 @dataclass(frozen=True)
