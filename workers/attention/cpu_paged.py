@@ -33,18 +33,16 @@ returns None: the caller keeps the torch paths.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from vlmserve.workers.cbuild import build_library
 
 if TYPE_CHECKING:
     from vlmserve.workers.attention.metadata import AttentionMetadata
@@ -778,55 +776,7 @@ def _load() -> Kernels | None:
 
 def _build() -> str:
     """The shared library's path, compiled into the extensions cache if not there yet."""
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    version = subprocess.run(
-        [cc, "--version"], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
-    # -march=native: the build is only good for this CPU, so its features are in the key.
-    key = hashlib.sha256(
-        "\n".join([SOURCE, " ".join(FLAGS), version, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions"
-    )
-    folder = os.path.join(root, f"vlmserve_paged_decode_{key}")
-    path = os.path.join(folder, "paged_decode.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(folder, exist_ok=True)
-    log.info("compiling the CPU paged-decode attention kernel into %s (once per machine)", folder)
-    source = os.path.join(folder, "paged_decode.c")
-    with open(source + f".{os.getpid()}", "w") as f:
-        f.write(SOURCE)
-    os.replace(source + f".{os.getpid()}", source)
-    # Built beside its final name and renamed: processes compiling at once never load a
-    # half-written library.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [cc, *FLAGS, source, "-o", partial, "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip() or done.returncode}")
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return path
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
+    return build_library("paged_decode", SOURCE, FLAGS, "the CPU paged attention kernels")
 
 
 MADV_HUGEPAGE = 14  # linux/mman.h

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from vlmserve.workers.layers import cpu_rope
+
 
 def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict:
     """The config's RoPE settings; with `layer_type`, that kind of layer's own (Gemma 3 keeps
@@ -107,6 +109,8 @@ def apply_rope_(rope: Rope, x: torch.Tensor) -> torch.Tensor:
     with x1, x2 the halves, x1 * cos - x2 * sin and x2 * cos + x1 * sin. Two temporaries of
     half a head per head, no cat and no negation; returns x."""
     cos, sin = rope
+    if cpu_rope.rope_(cos, sin, x):  # the same operations in one pass (float32, CPU)
+        return x
     half = x.shape[-1] // 2
     cos, sin = cos[..., :half], sin[..., :half]  # the two halves share their angles
     x1, x2 = x[..., :half], x[..., half:]
