@@ -52,6 +52,10 @@ def test_inputs_the_kernel_does_not_take_are_left_to_torch() -> None:
     cos32 = sin32 = torch.ones(4, 1, 8)
     before = y.clone()
     assert not cpu_rope.rope_(cos32, sin32, y) and torch.equal(y, before)
+    z = torch.randn(4, 2, 8)
+    one = torch.ones(1, 1, 8)  # one row for every token: torch broadcasts, the kernel does not
+    before = z.clone()
+    assert not cpu_rope.rope_(one, one, z) and torch.equal(z, before)
 
 
 def test_a_missing_compiler_is_one_warning(

@@ -102,6 +102,8 @@ def rope_(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> bool:
     (their first halves are read); False, x untouched, where the kernel does not apply."""
     if x.dim() != 3 or cos.stride() != sin.stride() or not _takes(x, cos, sin):
         return False
+    if cos.shape[0] != x.shape[0] or cos.shape[-1] < x.shape[-1] // 2:  # no broadcasting here
+        return False
     rope = kernels()
     if rope is None:
         return False
