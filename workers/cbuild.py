@@ -9,6 +9,7 @@ once never load a half-written library.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 
 log = logging.getLogger("vlmserve.cbuild")
 
@@ -62,6 +64,20 @@ def build_library(name: str, source: str, flags: list[str], what: str) -> str:
         if os.path.exists(partial):
             os.remove(partial)
     return path
+
+
+def load_library(
+    build: Callable[[], str], what: str, fallback: str, logger: logging.Logger
+) -> ctypes.CDLL | None:
+    """The library `build` returns the path of, loaded; None where there is no compiler or the
+    build or the load fails, with one warning on `logger` naming `what` and the `fallback`
+    that runs instead (a worker never fails for want of a kernel)."""
+    try:
+        return ctypes.CDLL(build())
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        logger.warning("%s could not be built (%s); %s", what, reason, fallback)
+        return None
 
 
 def cpu_flags() -> str:

@@ -33,16 +33,15 @@ returns None: the caller keeps the torch paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import platform
-import subprocess
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from vlmserve.workers.cbuild import build_library
+from vlmserve.workers.cbuild import build_library, load_library
 
 if TYPE_CHECKING:
     from vlmserve.workers.attention.metadata import AttentionMetadata
@@ -743,31 +742,22 @@ class Kernels:
     prefill: ctypes._CFuncPtr
 
 
-_lock = threading.Lock()
-_built: list = []  # [the Kernels, or None when they could not be built]
-
-
+@functools.cache
 def kernel() -> Kernels | None:
     """The C functions, compiled on first use (once per machine); None when they cannot be."""
-    if not _built:
-        with _lock:
-            if not _built:
-                _built.append(_load())
-    return _built[0]
+    return _load()
 
 
 def _load() -> Kernels | None:
-    try:
-        path = _build()
-        lib = ctypes.CDLL(path)
-        kernels = Kernels(lib.vlmserve_paged_decode, lib.vlmserve_paged_prefill)
-    except (OSError, AttributeError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning(
-            "the CPU paged attention kernels could not be built (%s); attention keeps the "
-            "slower torch paths (decodes: the gather path)",
-            str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
-        )
+    lib = load_library(
+        _build,
+        "the CPU paged attention kernels",
+        "attention keeps the slower torch paths (decodes: the gather path)",
+        log,
+    )
+    if lib is None:
         return None
+    kernels = Kernels(lib.vlmserve_paged_decode, lib.vlmserve_paged_prefill)
     for fn, args in ((kernels.decode, _DECODE_ARGS), (kernels.prefill, _PREFILL_ARGS)):
         fn.argtypes = args
         fn.restype = None
@@ -853,24 +843,32 @@ def _tensors(
     )  # fmt: skip
 
 
-def plan(meta: AttentionMetadata) -> PagedDecodes | None:
-    """The step's decodes for the kernel; None when there are none or one of them needs
-    more than causal attention under a window: a bidirectional span holding its query and
-    reaching past it. (The runner never ends a prefill chunk inside a span, so a one-token
-    row has none; this keeps the gather path, which reads masks, should that change.)"""
+def plan_step(meta: AttentionMetadata) -> tuple[PagedDecodes | None, PagedPrefills | None]:
+    """The step's decodes and prefills for the kernels (None where there are none), the
+    int32 block tables and lengths both read made once; (None, None) off the CPU."""
+    if meta.block_tables.device.type != "cpu":
+        return None, None
+    tables = meta.block_tables.to(torch.int32).contiguous()
+    lengths = meta.seq_lens_cpu.to(torch.int32).contiguous()
+    return plan(meta, tables, lengths), plan_prefills(meta, tables, lengths)
+
+
+def plan(
+    meta: AttentionMetadata, tables: torch.Tensor, lengths: torch.Tensor
+) -> PagedDecodes | None:
+    """The step's decodes (their rows of the int32 `tables` and `lengths`); None when there
+    are none or one of them needs more than causal attention under a window: a bidirectional
+    span holding its query and reaching past it. (The runner never ends a prefill chunk
+    inside a span, so a one-token row has none; this keeps the gather path, which reads
+    masks, should that change.)"""
     count = meta.num_decodes
-    if count == 0 or meta.block_tables.device.type != "cpu":
+    if count == 0:
         return None
     if meta.bidirectional is not None:
-        lengths = meta.seq_lens_cpu[:count].tolist()
-        for spans, length in zip(meta.bidirectional[:count], lengths, strict=True):
+        for spans, length in zip(meta.bidirectional[:count], lengths[:count].tolist(), strict=True):
             if any(start < length and end > length for start, end in spans):
                 return None
-    return PagedDecodes(
-        count,
-        meta.block_tables[:count].to(torch.int32).contiguous(),
-        meta.seq_lens_cpu[:count].to(torch.int32).contiguous(),
-    )
+    return PagedDecodes(count, tables[:count], lengths[:count])  # leading rows: contiguous
 
 
 # Query rows (positions x the GQA group's heads) per prefill work item. On q30m's shape (GQA
@@ -895,18 +893,20 @@ class PagedPrefills:
         return self.seqs.shape[0]
 
 
-def plan_prefills(meta: AttentionMetadata) -> PagedPrefills | None:
+def plan_prefills(
+    meta: AttentionMetadata, tables: torch.Tensor, lengths: torch.Tensor
+) -> PagedPrefills | None:
     """The step's prefills for the kernel: all but those with a bidirectional span holding
-    one of their queries (they keep SDPA's masks). None when none is left or not on CPU."""
-    if meta.num_seqs == meta.num_decodes or meta.block_tables.device.type != "cpu":
+    one of their queries (they keep SDPA's masks). None when none is left."""
+    if meta.num_seqs == meta.num_decodes:
         return None
-    lengths = meta.seq_lens_cpu.tolist()
+    ends = lengths.tolist()
     starts = meta.query_start_loc_cpu.tolist()
     seqs = []
     for i in range(meta.num_decodes, meta.num_seqs):
-        first = lengths[i] - (starts[i + 1] - starts[i])
+        first = ends[i] - (starts[i + 1] - starts[i])
         if meta.bidirectional is None or not any(
-            s < lengths[i] and e > first for s, e in meta.bidirectional[i]
+            s < ends[i] and e > first for s, e in meta.bidirectional[i]
         ):
             seqs.append(i)
     if not seqs:
@@ -914,8 +914,8 @@ def plan_prefills(meta: AttentionMetadata) -> PagedPrefills | None:
     return PagedPrefills(
         torch.tensor(seqs, dtype=torch.int32),
         meta.query_start_loc_cpu.to(torch.int32).contiguous(),
-        meta.seq_lens_cpu.to(torch.int32).contiguous(),
-        meta.block_tables.to(torch.int32).contiguous(),
+        lengths,
+        tables,
     )
 
 

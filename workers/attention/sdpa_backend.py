@@ -107,7 +107,7 @@ class SdpaBackend(AttentionBackend):
         # met before (the first step) is planned when its first layer runs.
         paged = paged_prefills = None
         if self._kernel is not None:
-            paged, paged_prefills = cpu_paged.plan(metadata), cpu_paged.plan_prefills(metadata)
+            paged, paged_prefills = cpu_paged.plan_step(metadata)
         self._step = SdpaStep(
             metadata, self.pool.num_kv_heads, self.pool.cache.dtype, paged, paged_prefills
         )

@@ -20,13 +20,12 @@ caller runs torch.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
-import subprocess
-import threading
 
 import torch
 
-from vlmserve.workers.cbuild import build_library
+from vlmserve.workers.cbuild import build_library, load_library
 
 log = logging.getLogger("vlmserve.cpu_rope")
 
@@ -61,30 +60,22 @@ void vlmserve_rope(float *x, int64_t x_row, int64_t x_head, const float *cos_t,
 # -ffp-contract=off: the products and sums rounded one by one, as torch rounds them.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off"]
 
-_lock = threading.Lock()
-_built: list = []  # [the rope ctypes function, or None when it could not be built]
 
-
-def kernels() -> ctypes._CFuncPtr | None:
+@functools.cache
+def kernel() -> ctypes._CFuncPtr | None:
     """The C function, compiled on first use (once per machine); None when it cannot be."""
-    if not _built:
-        with _lock:
-            if not _built:
-                _built.append(_load())
-    return _built[0]
+    return _load()
+
+
+def _build() -> str:
+    return build_library("rope", SOURCE, FLAGS, "the CPU RoPE kernel")
 
 
 def _load() -> ctypes._CFuncPtr | None:
-    try:
-        path = build_library("rope", SOURCE, FLAGS, "the CPU RoPE kernel")
-        lib = ctypes.CDLL(path)
-        rope = lib.vlmserve_rope
-    except (OSError, AttributeError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning(
-            "the CPU RoPE kernel could not be built (%s); RoPE runs in torch",
-            str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
-        )
+    lib = load_library(_build, "the CPU RoPE kernel", "RoPE runs in torch", log)
+    if lib is None:
         return None
+    rope = lib.vlmserve_rope
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     rope.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     rope.restype = None
@@ -104,7 +95,7 @@ def rope_(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> bool:
         return False
     if cos.shape[0] != x.shape[0] or cos.shape[-1] < x.shape[-1] // 2:  # no broadcasting here
         return False
-    rope = kernels()
+    rope = kernel()
     if rope is None:
         return False
     tokens, heads, dim = x.shape
