@@ -41,6 +41,7 @@ from vlmserve.shared.models import read_model_info
 from vlmserve.shared.models import session_len as model_session_len
 from vlmserve.shared.sockets import Codec, make_socket
 from vlmserve.workers.attention.registry import attention_backend
+from vlmserve.workers.cpu_threads import StepThreads
 from vlmserve.workers.grammar import GrammarBackend, logits_width
 from vlmserve.workers.kv_pool import KVPool, num_blocks_for
 from vlmserve.workers.layers.linear import warm_gemms
@@ -148,12 +149,19 @@ def serve(config: Config) -> int:
             samples=config.rank == 0,
             processor_factories=factories,
         )
+        threads = StepThreads(model, device)
+        if built := threads.warm(model, logit_rows):
+            log.info(
+                "steps of up to %d tokens run on one thread; its oneDNN GEMMs for %d shapes built",
+                threads.small_tokens, built,
+            )  # fmt: skip
         results.send(codec.encode(WorkerReady(config.rank, num_blocks, str(device))))
         while True:
             head, *frames = plans.recv_multipart()
             msg = plan_codec.decode(head)
             match msg:
                 case StepPlan():
+                    threads.set_for(sum(step.num_tokens for step in msg.seqs))
                     result = runner.execute(msg, frames)
                     if config.rank == 0:
                         if runner.images is not None:
