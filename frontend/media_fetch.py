@@ -16,7 +16,6 @@ As transformers' `load_image` does, the EXIF orientation is applied first.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import hashlib
 import io
@@ -31,6 +30,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 import httpx
+import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmserve.frontend.errors import APIError, bad_request
@@ -145,10 +145,11 @@ def image_hash(img: Image.Image) -> str:
 
     Hashes `img.tobytes()`, a copy of the whole image: for large images run it off the loop.
     """
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{img.mode}:{img.width}x{img.height}:".encode())
+    # SHA-256, not BLAKE2b: CPUs' SHA extensions run it ~3x faster over a 640x480 image's
+    # 0.9 MB (0.5 vs 1.5 ms here), and every image of every request is hashed.
+    digest = hashlib.sha256(f"{img.mode}:{img.width}x{img.height}:".encode())
     digest.update(img.tobytes())
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
 # ---- data: URLs ------------------------------------------------------------------------------
@@ -163,17 +164,29 @@ def parse_data_url(url: str, max_bytes: int, noun: str = "image") -> bytes:
         raise _url_error(
             f"Invalid {noun} data URL {_shown(url)}: expected data:{noun}/<format>;base64,<data>."
         )
-    payload = "".join(payload.split())  # line breaks are common in pasted base64
     # Refuse by the encoded length before decoding: 4 characters carry 3 bytes.
     if len(payload) // 4 * 3 > max_bytes + 2:
         raise _too_large(_shown(url), max_bytes, noun)
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = _b64decode(payload)
     except ValueError:  # binascii.Error, or non-ASCII characters
         raise _url_error(f"The {noun} data URL {_shown(url)} is not valid base64.") from None
     if len(data) > max_bytes:
         raise _too_large(_shown(url), max_bytes, noun)
     return data
+
+
+def _b64decode(payload: str) -> bytes:
+    """Strict base64, by pybase64's SIMD decoder (0.5 ms for a 640x480 PNG's 1.2 MB against
+    3 ms for the standard library's); line breaks, common in pasted base64, are taken out
+    only when the strict decode fails, since stripping costs as much as decoding."""
+    try:
+        return pybase64.b64decode(payload, validate=True)
+    except ValueError:
+        stripped = "".join(payload.split())
+        if stripped == payload:
+            raise
+        return pybase64.b64decode(stripped, validate=True)
 
 
 def _too_large(shown: str, max_bytes: int, noun: str = "image") -> APIError:
