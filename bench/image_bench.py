@@ -6,8 +6,9 @@ and vlmserve against vLLM's CPU build on one image per chat.
 
 With --peers (issue 10's image workload, also run by bench/serve_bench.py): a tiny LLaVA-1.5
 with head_dim 32 (vLLM's CPU attention refuses the demo's 16), one fresh 640x480 random PNG per
-chat (no cache hits across requests or rounds), 64 output tokens, EOS ignored, 2c requests at
-concurrency c=16, alternating rounds against each peer started here. vLLM is sent
+chat (no cache hits across requests or rounds), 64 output tokens, EOS ignored, 4c requests at
+concurrency c=16 (a round of 2c lasted ~2 s, too short to average out this machine's noise),
+alternating rounds against each peer started here. vLLM is sent
 "add_special_tokens": true, without which its LLaVA chat prompts lose their BOS.
 
 On the Qwen2-VL-shaped demo checkpoint (`vlmserve demo-checkpoint --arch qwen2_vl`), each
@@ -184,9 +185,9 @@ def peer_comparison(
     size: tuple[int, int] = (640, 480), venv: str = DEFAULT_VENV, threads: str | None = None,
     seed: int = 0,
 ) -> dict:  # fmt: skip
-    """vlmserve and each peer on the LLaVA checkpoint, alternating rounds of 2c chats."""
+    """vlmserve and each peer on the LLaVA checkpoint, alternating rounds of 4c chats."""
     model_dir = llava_checkpoint()
-    n = 2 * concurrency
+    n = 4 * concurrency
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         names = ["vlmserve", *peers]
         urls, failures = start_servers(stack, names, model_dir, tmp, 64, venv, threads)
