@@ -51,6 +51,7 @@ def load_weights(
     """Copy every tensor of `files` into its parameter (`rename` may map a checkpoint name
     first, or skip it with None); fail on unknown names. Returns the parameters loaded."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    skipped = getattr(model, "skipped_weights", ())  # parameter prefixes the model dropped
     loaded: set[str] = set()
     started = time.monotonic()
     for index, path in enumerate(files, 1):
@@ -62,6 +63,8 @@ def load_weights(
                 if ours is None:
                     continue
                 target, shard_id = _target(model, ours)
+                if target.startswith(skipped):
+                    continue
                 if target not in params:
                     raise KeyError(f"checkpoint tensor {name!r} matches no parameter")
                 param = params[target]

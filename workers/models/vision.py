@@ -39,12 +39,36 @@ def build_vision_half(hf_config: Any, class_name: str) -> nn.Module:
     return half.eval()
 
 
+def drop_layers_past_features(half: nn.Module) -> list[str]:
+    """Remove the tower's encoder layers after the last one `vision_feature_layer` reads
+    (LLaVA's -2: CLIP's last layer runs for nothing in transformers, 1 of 24 in LLaVA-1.5-7B's
+    tower), pointing the config at the same hidden states of the shorter stack. Returns the
+    names, under `half`, of the parameters dropped (their checkpoint tensors load nowhere)."""
+    selected = getattr(half.config, "vision_feature_layer", None)
+    layers = getattr(getattr(getattr(half, "vision_tower", None), "encoder", None), "layers", None)
+    if selected is None or not isinstance(layers, nn.ModuleList):
+        return []
+    total = len(layers)
+    # hidden_states holds the embeddings' output, then each layer's: total + 1 entries.
+    wanted = [
+        i if i >= 0 else total + 1 + i
+        for i in (selected if isinstance(selected, list) else [selected])
+    ]
+    keep = max(wanted)
+    if keep >= total:
+        return []
+    half.vision_tower.encoder.layers = layers[:keep]
+    half.config.vision_feature_layer = wanted if isinstance(selected, list) else wanted[0]
+    return [f"vision_tower.encoder.layers.{i}." for i in range(keep, total)]
+
+
 class VisionEncoder(nn.Module):
     """Turns a batch of preprocessed images into one embedding row per placeholder token."""
 
     def __init__(self, hf_config: Any, class_name: str) -> None:
         super().__init__()
         self.hf = build_vision_half(hf_config, class_name)
+        self.dropped = ["hf." + name for name in drop_layers_past_features(self.hf)]
 
     def forward(self, arrays: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """`arrays` as the model's image processor names them (pixel_values, image_sizes,

@@ -43,6 +43,8 @@ class VisionLanguageModel(nn.Module):
         # the meta device; the loader then moves it where the model goes.
         with torch.device("cpu"):
             self.vision = self.encoder(hf_config, self.vision_class(hf_config))
+        # Checkpoint tensors of the layers the vision half dropped: the loader skips them.
+        self.skipped_weights = tuple("vision." + name for name in self.vision.dropped)
         self.image_token_id: int = hf_config.image_token_id
 
     def placeholder_ids(self) -> torch.Tensor:
