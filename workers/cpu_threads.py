@@ -5,11 +5,12 @@ A parallel region costs its threads a wake-up, and after it libgomp's threads sp
 next one (~8 ms on this machine's AMD EPYC: GOMP_SPINCOUNT's 300,000 pauses). A step whose
 GEMMs are tiny is mostly Python between ops, so its second thread spends the step spinning:
 a core taken from the frontends and the scheduler on the same box, for GEMMs that two threads
-run no faster (~15 us each either way below ~0.25 M multiply-adds, bench/ceiling.py's shapes).
-Serving the benchmark's tiny LLaVA (2 layers of 64) with one image per chat at c=16, the
-worker took 3.5 s of CPU per 64 requests on 2 threads and 1.0 s on one, and the server
-answered 1.4x faster. A decode step of the q30m (30 M multiply-adds per token) stays on all
-threads at every batch: one thread runs it at two thirds of the speed.
+run no faster (15-18 us a call either way below ~0.25 M multiply-adds, square packed GEMMs on
+this 2-core machine). Serving the benchmark's tiny LLaVA (2 layers of 64) with one image per
+chat at c=16, the worker took 3.5 s of CPU per 64 requests on 2 threads and 1.0 s on one, and
+the server answered 1.35x faster. A step of the q30m (30 M multiply-adds per token) stays on
+all threads at every batch: served at c=1 with its 1-6 token steps on one thread, it answered
+15 % slower (51 against 61 tok/s).
 
 oneDNN builds its GEMM kernels for the thread count they run on, so `warm` builds the
 one-thread kernels of every small step's row count too (workers/layers/linear.py).
