@@ -33,6 +33,8 @@ class RequestTimeout:
     async def wait(self, awaitable: Awaitable[T]) -> T:
         """`awaitable`'s result, or the 408 APIError once the deadline has passed."""
         try:
-            return await asyncio.wait_for(awaitable, max(self.deadline - time.monotonic(), 0))
+            # Not wait_for, which makes a task per call (once per token of a stream).
+            async with asyncio.timeout(max(self.deadline - time.monotonic(), 0)):
+                return await awaitable
         except TimeoutError:
             raise request_timeout(self.seconds) from None

@@ -214,7 +214,10 @@ class SchedulerClient:
         """The next output; fail instead of waiting forever when the engine goes away."""
         while True:
             try:
-                return await asyncio.wait_for(queue.get(), STATUS_STALE_S)
+                # asyncio.timeout, not wait_for: wait_for wraps each get in a task of its own,
+                # once per token of every stream.
+                async with asyncio.timeout(STATUS_STALE_S):
+                    return await queue.get()
             except TimeoutError:
                 if not self.alive:
                     raise SchedulerUnavailable("the engine stopped while the request ran") from None
