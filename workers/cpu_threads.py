@@ -46,20 +46,18 @@ class StepThreads:
         shares = device.type == "cpu" and self.full > 1
         # A step of at most this many tokens runs on one thread.
         self.small_tokens = SMALL_STEP_MACS // per_token if shares else 0
-        self.current = self.full
 
     def set_for(self, tokens: int) -> None:
         """Use one thread for a step of `tokens` tokens if it is small, else all of them."""
         self._use(1 if tokens <= self.small_tokens else self.full)
 
     def _use(self, threads: int) -> None:
-        if threads != self.current:
+        if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            self.current = threads
 
     @contextlib.contextmanager
     def single(self) -> Iterator[None]:
-        before = self.current
+        before = torch.get_num_threads()
         self._use(1)
         try:
             yield
